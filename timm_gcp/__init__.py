@@ -1,0 +1,6 @@
+"""timm-gcp: global covariance pooling for timm. Importing it registers the GCP models with timm."""
+from .ops import covariance, triu_vec
+from .meta_layers import create_meta_layer, list_meta_layers, register_meta_layer, MetaLayer
+from .layers import GCPHead, GCPPool
+
+__version__ = '0.1.0'

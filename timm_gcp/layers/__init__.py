@@ -1,0 +1,1 @@
+from .gcp_pool import GCPHead, GCPPool, gcp_feature_dim

@@ -1,0 +1,83 @@
+"""Global covariance pooling: 1x1 reduction, covariance, meta-layer, upper-triangular vectorisation."""
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..meta_layers import create_meta_layer
+from ..ops import covariance, triu_vec
+
+__all__ = ['GCPPool', 'GCPHead', 'gcp_feature_dim']
+
+
+def gcp_feature_dim(dim: int) -> int:
+    """Length of the triu vector of a dim x dim covariance: dim(dim+1)/2."""
+    return dim * (dim + 1) // 2
+
+
+class GCPPool(nn.Module):
+    """(B, C, H, W) -> (B, dim(dim+1)/2) float32 second-order features.
+
+    `dim=None` skips the 1x1 conv + BN + ReLU reduction and pools the `in_chs` channels directly.
+    """
+    pool_type = 'gcp'
+
+    def __init__(
+            self,
+            in_chs: int,
+            dim: Optional[int] = 256,
+            meta_layer: str = 'isqrt',
+            meta_layer_kwargs: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        if dim is not None and dim < 1:
+            raise ValueError(f'gcp dim must be a positive channel count or None, got {dim}')
+        self.in_chs = in_chs
+        self.dim = in_chs if dim is None else dim
+        if dim is None:
+            self.conv, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+        else:
+            self.conv = nn.Conv2d(in_chs, dim, kernel_size=1, bias=False)
+            self.bn = nn.BatchNorm2d(dim)
+            self.act = nn.ReLU(inplace=True)
+            nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
+        self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))
+
+    @property
+    def out_features(self) -> int:
+        return gcp_feature_dim(self.dim)
+
+    def set_meta_layer(self, name: str, **kwargs) -> None:
+        """Swap the matrix normalisation (same parameters, different function: the hybrid protocol)."""
+        self.meta_layer = create_meta_layer(name, **kwargs)
+        self.meta_layer_name = name
+        self.meta_layer_kwargs = dict(kwargs)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return triu_vec(self.meta_layer(covariance(self.reduce(x))))
+
+
+class GCPHead(nn.Module):
+    """Standalone GCP classifier head: (B, C, H, W) -> logits (B, num_classes)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            num_classes: int,
+            dim: Optional[int] = 256,
+            meta_layer: str = 'isqrt',
+            meta_layer_kwargs: Optional[Dict[str, Any]] = None,
+            drop_rate: float = 0.,
+    ):
+        super().__init__()
+        self.global_pool = GCPPool(in_chs, dim, meta_layer, meta_layer_kwargs)
+        self.num_features = self.global_pool.out_features
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(self.global_pool(x))
+        return x if pre_logits else self.fc(x)

@@ -1,0 +1,2 @@
+from .registry import MetaLayer, create_meta_layer, is_meta_layer, list_meta_layers, register_meta_layer
+from .newton_schulz import ISqrt, newton_schulz_sqrt
