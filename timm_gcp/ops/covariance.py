@@ -4,7 +4,7 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
-__all__ = ['compute_dtype', 'fp32_island', 'covariance', 'triu_vec', 'check_square_batch']
+__all__ = ['compute_dtype', 'fp32_island', 'covariance', 'triu_vec', 'check_square_batch', 'symmetrize']
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -23,6 +23,11 @@ def check_square_batch(m: torch.Tensor, what: str = 'input') -> None:
     """Raise ValueError unless `m` is a batch of square matrices (B, d, d)."""
     if m.dim() != 3 or m.shape[-1] != m.shape[-2]:
         raise ValueError(f'{what} must be a batch of square matrices of shape (B, d, d), got {tuple(m.shape)}')
+
+
+def symmetrize(m: torch.Tensor) -> torch.Tensor:
+    """(M + Mᵀ)/2 over the last two dimensions."""
+    return 0.5 * (m + m.transpose(-1, -2))
 
 
 def covariance(x: torch.Tensor) -> torch.Tensor:

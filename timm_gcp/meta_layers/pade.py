@@ -1,0 +1,123 @@
+"""MPA-Lya and MTP-Lya (Song, Sebe, Wang, "Fast Differentiable Matrix Square Root", ICLR 2022).
+
+Forward: A -> A/‖A‖_F, Z = I − A/‖A‖_F, then √(1 − z) as a matrix polynomial in Z ([5/5] Padé, one linear solve;
+or the degree-10 Taylor polynomial), times √‖A‖_F. Backward: the gradient of the matrix square root, X with
+Y X + X Y = sym(G) (a Lyapunov equation; Y is the forward's output), solved by Newton–Schulz iteration of the matrix
+sign of [[Y, −G], [0, −Y]] (8 steps by default). Output dtype: float32, or float64 for float64 input.
+"""
+from typing import List, Sequence
+
+import torch
+
+from ..ops.covariance import symmetrize
+from .registry import MetaLayer, register_meta_layer
+
+__all__ = ['MpaLya', 'MtpLya', 'MPA_NUMERATOR', 'MPA_DENOMINATOR', 'sqrt_taylor_coefficients', 'solve_lyapunov']
+
+# [5/5] Padé approximant of √(1 − z): P(Z) = Σ p_k Z^k, Q(Z) = Σ q_k Z^k
+MPA_NUMERATOR = (1.0, -2.75, 2.75, -1.203125, 0.21484375, -0.0107421875)
+MPA_DENOMINATOR = (1.0, -2.25, 1.75, -0.546875, 0.05859375, -0.0009765625)
+
+
+def sqrt_taylor_coefficients(degree: int) -> List[float]:
+    """Taylor coefficients of √(1 − z) up to z^degree: c_k = (−1)^k·binom(½, k)."""
+    coeffs = [1.0]
+    for k in range(1, degree + 1):
+        coeffs.append(coeffs[-1] * (k - 1.5) / k)
+    return coeffs
+
+
+def _eye_like(m: torch.Tensor) -> torch.Tensor:
+    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+
+
+def _matrix_polynomials(z: torch.Tensor, *coeff_lists: Sequence[float]) -> List[torch.Tensor]:
+    """Σ_k c_k Z^k for each coefficient list, sharing the powers of Z."""
+    powers = [_eye_like(z).expand_as(z), z]
+    for _ in range(max(len(c) for c in coeff_lists) - 2):
+        powers.append(powers[-1] @ z)
+    return [sum(c * p for c, p in zip(coeffs, powers)) for coeffs in coeff_lists]
+
+
+def _frobenius(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(m)[..., None, None].clamp_min(torch.finfo(m.dtype).tiny ** 0.5)
+
+
+def solve_lyapunov(y: torch.Tensor, g: torch.Tensor, num_iter: int = 8) -> torch.Tensor:
+    """X with Y X + X Y = G for symmetric positive (semi)definite Y, by `num_iter` Newton–Schulz steps on the sign
+    of [[Y, −G], [0, −Y]] scaled by 1/‖Y‖_F (its sign is [[I, −2X], [0, −I]]). Eigen-directions of Y far below
+    ‖Y‖_F converge slowly, which keeps their gradient bounded."""
+    scale = _frobenius(y)
+    b, d = y / scale, g / scale
+    eye3 = 3.0 * _eye_like(y)
+    for _ in range(num_iter):
+        b2 = b @ b
+        d = 0.5 * (b @ d @ b - b2 @ d + d @ (eye3 - b2))
+        b = 0.5 * b @ (eye3 - b2)
+    return 0.5 * d
+
+
+class _LyapunovSqrtFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cov, approx_sqrt, num_iter):
+        y = approx_sqrt(symmetrize(cov))
+        ctx.save_for_backward(y)
+        ctx.num_iter = num_iter
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, = ctx.saved_tensors
+        return symmetrize(solve_lyapunov(y, symmetrize(grad_out), ctx.num_iter)), None, None
+
+
+class _LyapunovSqrt(MetaLayer):
+    """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` sign iterations."""
+
+    def __init__(self, lya_iter: int = 8):
+        super().__init__()
+        if lya_iter < 1:
+            raise ValueError(f'{type(self).__name__} needs lya_iter >= 1, got {lya_iter}')
+        self.lya_iter = lya_iter
+
+    def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        """√(I − Z) for Z = I − A/‖A‖_F."""
+        raise NotImplementedError
+
+    def approx_sqrt(self, cov: torch.Tensor) -> torch.Tensor:
+        norm = _frobenius(cov)
+        return symmetrize(self.sqrt_normalized(_eye_like(cov) - cov / norm)) * norm.sqrt()
+
+    def normalize(self, cov: torch.Tensor) -> torch.Tensor:
+        return _LyapunovSqrtFn.apply(cov, self.approx_sqrt, self.lya_iter)
+
+
+@register_meta_layer('mpa_lya')
+class MpaLya(_LyapunovSqrt):
+    """MPA-Lya (Song et al., ICLR 2022): [5/5] matrix Padé approximant Q(Z)⁻¹P(Z) of √(1 − z), Lyapunov backward."""
+
+    def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        p, q = _matrix_polynomials(z, MPA_NUMERATOR, MPA_DENOMINATOR)
+        return torch.linalg.solve(q, p)
+
+    def extra_repr(self) -> str:
+        return f'lya_iter={self.lya_iter}'
+
+
+@register_meta_layer('mtp_lya')
+class MtpLya(_LyapunovSqrt):
+    """MTP-Lya (Song et al., ICLR 2022): degree-`degree` (10) matrix Taylor polynomial of √(1 − z), Lyapunov
+    backward."""
+
+    def __init__(self, degree: int = 10, lya_iter: int = 8):
+        super().__init__(lya_iter)
+        if degree < 1:
+            raise ValueError(f'mtp_lya needs degree >= 1, got {degree}')
+        self.degree = degree
+        self.coeffs = sqrt_taylor_coefficients(degree)
+
+    def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return _matrix_polynomials(z, self.coeffs)[0]
+
+    def extra_repr(self) -> str:
+        return f'degree={self.degree}, lya_iter={self.lya_iter}'

@@ -1,0 +1,256 @@
+"""Exact-eigendecomposition meta-layers: MPN-COV's matrix power (`eig`) and the ICCV'21 SVD family (`svd_*`).
+
+Every layer here shares one forward: Σ = V diag(λ) Vᵀ from the pluggable eigendecomposition backend
+(`timm_gcp.ops.eigh`), eigenvalues clamped from below, out = V diag(λ^α) Vᵀ. They differ only in the backward,
+which is always dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ for a symmetric matrix L of divided differences:
+
+- `eig` uses the exact L_ij = (λ_i^α − λ_j^α)/(λ_i − λ_j) (Daleckii–Krein / Loewner), evaluated without ever
+  dividing by λ_i − λ_j, with L_ii = α λ_i^(α−1).
+- `svd_*` use the eigenvector rule L_ij = (λ_i^α − λ_j^α)·K_ij, where K_ij ≈ 1/(λ_i − λ_j) is written as
+  ±(1/a)·R(b/a), a = max(λ_i, λ_j), b = min(λ_i, λ_j), and R(x) approximates 1/(1 − x): a [50/50] Padé-type
+  approximant, the degree-100 Taylor polynomial, the derivative of 20 power iterations; or K is clipped at 1e10.
+
+Eigenvalues are clamped at max(eps·λ_max, 1.2e-38): `eps` is relative to the largest eigenvalue (default: the
+machine epsilon of the dtype the eigendecomposition runs in, 1.19e-7 for float32, 2.22e-16 for float64) and the
+absolute floor (float32's smallest normal number) keeps all-zero covariances finite. The backward treats clamped
+eigenvalues as if they sat at the floor, so rank-deficient covariances get large but finite gradients.
+Output dtype: float32, or float64 for float64 input; `float64=True` runs the eigendecomposition and the backward in
+float64 and casts back.
+"""
+from typing import Optional, Sequence
+
+import torch
+
+from ..ops.covariance import symmetrize
+from ..ops.eigh import eigh
+from .registry import MetaLayer, register_meta_layer
+
+__all__ = [
+    'SpectralPower', 'MatrixPower', 'SvdPade', 'SvdTaylor', 'SvdPowerIteration', 'SvdTrunc',
+    'clamp_eigenvalues', 'geometric_partial_sum', 'loewner_power', 'pade_geometric_coefficients', 'polyval',
+    'replace_non_finite',
+]
+
+EIGENVALUE_FLOOR = torch.finfo(torch.float32).tiny
+
+
+def clamp_eigenvalues(evals: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clamp (B, d) eigenvalues from below at max(eps·λ_max, 1.2e-38) per matrix."""
+    floor = (eps * evals.amax(dim=-1, keepdim=True)).clamp_min(EIGENVALUE_FLOOR)
+    return torch.maximum(evals, floor)
+
+
+def _ordered_pairs(evals: torch.Tensor):
+    """Per pair (i, j) of (B, d) eigenvalues: max(λ_i, λ_j) and min(λ_i, λ_j), each (B, d, d)."""
+    li, lj = evals.unsqueeze(-1), evals.unsqueeze(-2)
+    return torch.maximum(li, lj), torch.minimum(li, lj)
+
+
+def loewner_power(evals: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B, d, d) divided differences (λ_i^α − λ_j^α)/(λ_i − λ_j), α λ_i^(α−1) on ties, for positive eigenvalues.
+
+    With a ≥ b and t = log(a/b) it is a^(α−1)·expm1(−αt)/expm1(−t): no division by λ_i − λ_j (for α = ½ it is
+    1/(√λ_i + √λ_j))."""
+    big, small = _ordered_pairs(evals)
+    t = torch.log1p((big - small) / small)
+    tie = t == 0
+    ratio = torch.expm1(-alpha * t) / torch.where(tie, torch.ones_like(t), torch.expm1(-t))
+    return big.pow(alpha - 1) * torch.where(tie, torch.full_like(t, alpha), ratio)
+
+
+def polyval(coeffs: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    """Σ_k coeffs[k]·x^k by Horner's rule."""
+    out = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        out = out * x + c
+    return out
+
+
+def geometric_partial_sum(x: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """Σ_{k<num_terms} x^k, the Taylor polynomial of 1/(1 − x) of degree num_terms − 1, in O(log num_terms) steps:
+    S_2m = S_m·(1 + x^m), S_m+1 = 1 + x·S_m (all terms positive on [0, 1], no cancellation)."""
+    total, power = torch.ones_like(x), x
+    for bit in bin(num_terms)[3:]:
+        total, power = total * (1 + power), power * power
+        if bit == '1':
+            total, power = 1 + x * total, power * x
+    return total
+
+
+def pade_geometric_coefficients(n: int = 50):
+    """Numerator and denominator coefficients (ascending powers) of the [n/n] Padé-type approximant of 1/(1 − x).
+
+    Every [n/n] rational that matches the geometric series 1/(1 − x) — or its degree-2n Taylor truncation — through
+    x^(2n) collapses to 1/(1 − x) itself (the Padé problem is degenerate), which is unbounded at ties. A non-degenerate
+    [n/n] rational can match 1/(1 − x) at most through x^n; those satisfy Q = (1 − x)P + p_n x^(n+1). Taking for P the
+    sum of the Taylor partial sums (their Fejér mean, up to a factor) fixes the rest:
+    P(x) = Σ_{k≤n} (n+1−k) x^k, Q(x) = (n+1) − Σ_{1≤k≤n} x^k. Then R = P/Q has error 1/(1 − x) − R = x^(n+1)/((1−x)Q),
+    Q ≥ 1 on [0, 1] (no poles), and R(1) = (n+1)(n+2)/2 (1326 for n = 50): bounded at ties, far closer to 1/(1 − x)
+    near them than the degree-2n Taylor polynomial (whose value at ties is 2n+1).
+    """
+    numerator = [float(n + 1 - k) for k in range(n + 1)]
+    denominator = [float(n + 1)] + [-1.0] * n
+    return numerator, denominator
+
+
+def replace_non_finite(grad: torch.Tensor) -> torch.Tensor:
+    """Overflow guard of the ICCV'21 layers: NaN -> 0, ±inf -> ± the largest finite magnitude of that matrix."""
+    finite = torch.isfinite(grad)
+    largest = torch.where(finite, grad.abs(), torch.zeros_like(grad)).amax(dim=(-2, -1), keepdim=True)
+    grad = torch.where(torch.isnan(grad), torch.zeros_like(grad), grad)
+    return torch.where(torch.isinf(grad), torch.sign(grad) * largest, grad)
+
+
+class _SpectralPowerFn(torch.autograd.Function):
+    """Σ -> V diag(clamp(λ)^α) Vᵀ with the backward V [(Vᵀ sym(G) V) ∘ L] Vᵀ, L given by `loewner`."""
+
+    @staticmethod
+    def forward(ctx, cov, alpha, eps, eig_dtype, eigh_backend, loewner, guard):
+        evals, evecs = eigh(symmetrize(cov.to(eig_dtype)), eigh_backend)
+        evals = clamp_eigenvalues(evals, eps)
+        powered = evals.pow(alpha)
+        ctx.save_for_backward(evals, evecs)
+        ctx.alpha, ctx.loewner, ctx.guard = alpha, loewner, guard
+        return ((evecs * powered.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(cov.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        evals, evecs = ctx.saved_tensors
+        grad_eig = evecs.transpose(-1, -2) @ symmetrize(grad_out.to(evecs.dtype)) @ evecs
+        grad = (evecs @ (grad_eig * ctx.loewner(evals, evals.pow(ctx.alpha), ctx.alpha)) @ evecs.transpose(-1, -2))
+        grad = grad.to(grad_out.dtype)
+        return (replace_non_finite(grad) if ctx.guard else grad), None, None, None, None, None, None
+
+
+class SpectralPower(MetaLayer):
+    """Base of the exact layers: matrix power Σ^α from an exact eigendecomposition; subclasses choose the backward.
+
+    Args:
+        alpha: the power (½: matrix square root).
+        eps: eigenvalue clamp relative to λ_max; None: machine epsilon of the eigendecomposition dtype.
+        float64: run eigendecomposition and backward in float64 (the output keeps the input's compute dtype).
+        eigh_backend: name of the `timm_gcp.ops.eigh` backend; None: the process-wide default.
+    """
+    overflow_guard = False
+
+    def __init__(
+            self,
+            alpha: float = 0.5,
+            eps: Optional[float] = None,
+            float64: bool = False,
+            eigh_backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if alpha <= 0:
+            raise ValueError(f'{type(self).__name__} needs a positive power alpha, got {alpha}')
+        if eps is not None and eps < 0:
+            raise ValueError(f'{type(self).__name__} needs eps >= 0, got {eps}')
+        self.alpha = alpha
+        self.eps = eps
+        self.float64 = float64
+        self.eigh_backend = eigh_backend
+
+    def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
+        """(B, d, d) symmetric matrix L of the backward dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ."""
+        raise NotImplementedError
+
+    def normalize(self, cov: torch.Tensor) -> torch.Tensor:
+        eig_dtype = torch.float64 if self.float64 else cov.dtype
+        eps = torch.finfo(eig_dtype).eps if self.eps is None else self.eps
+        return _SpectralPowerFn.apply(
+            cov, self.alpha, eps, eig_dtype, self.eigh_backend, self.loewner, self.overflow_guard)
+
+    def extra_repr(self) -> str:
+        return f'alpha={self.alpha}, eps={self.eps}, float64={self.float64}, eigh_backend={self.eigh_backend}'
+
+
+@register_meta_layer('eig')
+class MatrixPower(SpectralPower):
+    """MPN-COV matrix power normalisation (Li et al., ICCV 2017) with the exact Daleckii–Krein backward."""
+
+    def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
+        return loewner_power(evals, alpha)
+
+
+class _EigenvectorRule(SpectralPower):
+    """ICCV'21 layers (Song, Sebe, Wang, "Why Approximate Matrix Square Root Outperforms Accurate SVD in Global
+    Covariance Pooling?"): L_ij = (λ_i^α − λ_j^α)·K_ij with K_ij = ±(1/a)·R(b/a) ≈ 1/(λ_i − λ_j); float64 by default
+    as published, non-finite gradient entries replaced (`replace_non_finite`)."""
+    overflow_guard = True
+
+    def __init__(self, alpha: float = 0.5, eps: Optional[float] = None, float64: bool = True,
+                 eigh_backend: Optional[str] = None):
+        super().__init__(alpha=alpha, eps=eps, float64=float64, eigh_backend=eigh_backend)
+
+    def geometric(self, x: torch.Tensor) -> torch.Tensor:
+        """R(x) ≈ 1/(1 − x) on (0, 1], bounded at x = 1."""
+        raise NotImplementedError
+
+    def off_diagonal(self, evals: torch.Tensor, powered: torch.Tensor) -> torch.Tensor:
+        """(λ_i^α − λ_j^α)·K_ij."""
+        big, small = _ordered_pairs(evals)
+        # |λ_i^α − λ_j^α| / max(λ_i, λ_j) first: stays finite even where R(x)/max(λ_i, λ_j) would not
+        spread = (powered.unsqueeze(-1) - powered.unsqueeze(-2)).abs() / big
+        return spread * self.geometric(small / big)
+
+    def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
+        derivative = alpha * evals.pow(alpha - 1)
+        return torch.diagonal_scatter(self.off_diagonal(evals, powered), derivative, dim1=-2, dim2=-1)
+
+
+@register_meta_layer('svd_pade')
+class SvdPade(_EigenvectorRule):
+    """SVD-Padé (Song et al., ICCV 2021): K from a [50/50] Padé-type approximant of 1/(1 − x)
+    (see `pade_geometric_coefficients`)."""
+    numerator, denominator = pade_geometric_coefficients(50)
+
+    def geometric(self, x: torch.Tensor) -> torch.Tensor:
+        return polyval(self.numerator, x) / polyval(self.denominator, x)
+
+
+@register_meta_layer('svd_taylor')
+class SvdTaylor(_EigenvectorRule):
+    """SVD-Taylor (Wang et al., TPAMI 2021; Song et al., ICCV 2021): K from the degree-`degree` Taylor polynomial
+    of 1/(1 − x) (100 by default)."""
+
+    def __init__(self, degree: int = 100, **kwargs):
+        super().__init__(**kwargs)
+        if degree < 0:
+            raise ValueError(f'svd_taylor needs degree >= 0, got {degree}')
+        self.degree = degree
+
+    def geometric(self, x: torch.Tensor) -> torch.Tensor:
+        return geometric_partial_sum(x, self.degree + 1)
+
+
+@register_meta_layer('svd_pi')
+class SvdPowerIteration(_EigenvectorRule):
+    """SVD-PI (Wang et al., NeurIPS 2019; Song et al., ICCV 2021): the gradient of `num_iter` power iterations
+    (20 by default) started at the converged eigenvectors. In the eigenbasis that gradient is exactly
+    K_ij = (1/λ_i) Σ_{k<num_iter} (λ_j/λ_i)^k for λ_j < λ_i (each deflated pair counted once), which is evaluated
+    directly rather than by iterating d deflated matrices."""
+
+    def __init__(self, num_iter: int = 20, **kwargs):
+        super().__init__(**kwargs)
+        if num_iter < 1:
+            raise ValueError(f'svd_pi needs num_iter >= 1, got {num_iter}')
+        self.num_iter = num_iter
+
+    def geometric(self, x: torch.Tensor) -> torch.Tensor:
+        return geometric_partial_sum(x, self.num_iter)
+
+
+@register_meta_layer('svd_trunc')
+class SvdTrunc(_EigenvectorRule):
+    """SVD-Trunc (Song et al., ICCV 2021): the exact K_ij = 1/(λ_i − λ_j) with |K_ij| clipped at `clip` (1e10)."""
+
+    def __init__(self, clip: float = 1e10, **kwargs):
+        super().__init__(**kwargs)
+        if clip <= 0:
+            raise ValueError(f'svd_trunc needs a positive clip, got {clip}')
+        self.clip = clip
+
+    def off_diagonal(self, evals: torch.Tensor, powered: torch.Tensor) -> torch.Tensor:
+        gap = evals.unsqueeze(-1) - evals.unsqueeze(-2)
+        k = torch.sign(gap) / gap.abs().clamp_min(1.0 / self.clip)
+        return (powered.unsqueeze(-1) - powered.unsqueeze(-2)) * k
