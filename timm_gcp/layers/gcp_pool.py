@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..meta_layers import create_meta_layer
+from ..meta_layers import AdaptiveChannelDropout, create_meta_layer
 from ..ops import covariance, triu_vec
 
 __all__ = ['GCPPool', 'GCPHead', 'gcp_feature_dim']
@@ -19,6 +19,8 @@ class GCPPool(nn.Module):
     """(B, C, H, W) -> (B, dim(dim+1)/2) float32 second-order features.
 
     `dim=None` skips the 1x1 conv + BN + ReLU reduction and pools the `in_chs` channels directly.
+    `dropcov=True` applies DropCov's adaptive channel dropout to the reduced features before the covariance
+    (training only; pair it with `meta_layer='cov'` for DropCov as published).
     """
     pool_type = 'gcp'
 
@@ -28,6 +30,7 @@ class GCPPool(nn.Module):
             dim: Optional[int] = 256,
             meta_layer: str = 'isqrt',
             meta_layer_kwargs: Optional[Dict[str, Any]] = None,
+            dropcov: bool = False,
     ):
         super().__init__()
         if dim is not None and dim < 1:
@@ -41,6 +44,7 @@ class GCPPool(nn.Module):
             self.bn = nn.BatchNorm2d(dim)
             self.act = nn.ReLU(inplace=True)
             nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
+        self.channel_dropout = AdaptiveChannelDropout() if dropcov else nn.Identity()
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))
 
     @property
@@ -53,8 +57,12 @@ class GCPPool(nn.Module):
         self.meta_layer_name = name
         self.meta_layer_kwargs = dict(kwargs)
 
+    @property
+    def dropcov(self) -> bool:
+        return isinstance(self.channel_dropout, AdaptiveChannelDropout)
+
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        return self.channel_dropout(self.act(self.bn(self.conv(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return triu_vec(self.meta_layer(covariance(self.reduce(x))))

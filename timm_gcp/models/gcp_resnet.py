@@ -1,0 +1,184 @@
+"""GCP ResNets (iSQRT-COV architecture): timm ResNets with layer4 at stride 1 and a global covariance pooling head.
+
+Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
+Normalization", CVPR 2018 (arXiv:1712.01034).
+"""
+from typing import Any, Dict, Optional, Tuple, Type, Union
+
+import torch
+from timm.layers import create_classifier
+from timm.models import generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from ..layers import GCPPool
+from ..meta_layers import create_meta_layer
+from ._pretrained import ISQRT_COV_PAPER, build_gcp_model, pretrained_cfgs
+
+__all__ = ['GcpResNet']
+
+
+def _remove_stride(stage: nn.Sequential) -> None:
+    """Run a ResNet stage at stride 1 without dilation: its first block's strided convs become stride 1."""
+    for module in stage[0].modules():
+        if isinstance(module, nn.Conv2d) and module.stride != (1, 1):
+            module.stride = (1, 1)
+
+
+class GcpResNet(ResNet):
+    """timm ResNet whose `global_pool` is a GCP module (1x1 reduction, covariance, meta-layer, triu) and whose `fc`
+    classifies the d(d+1)/2 second-order features. `num_features` stays the backbone width; `head_hidden_size` is the
+    width of the pooled features. `global_pool` may also be any timm pool type ('avg', '', ...)."""
+
+    def __init__(
+            self,
+            block: Union[Type[BasicBlock], Type[Bottleneck]],
+            layers: Tuple[int, ...],
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'gcp',
+            gcp_dim: int = 256,
+            meta_layer: str = 'isqrt',
+            meta_layer_kwargs: Optional[Dict[str, Any]] = None,
+            layer4_stride: int = 1,
+            dropcov: bool = False,
+            **kwargs,
+    ):
+        """
+        Args:
+            gcp_dim: channels of the 1x1 reduction before the covariance (at most the backbone channels).
+            meta_layer: matrix normalisation of the covariance, a name from `timm_gcp.list_meta_layers()`.
+            meta_layer_kwargs: options of the meta-layer (e.g. {'num_iter': 5} for 'isqrt').
+            layer4_stride: 1 (the GCP architecture: 14x14 maps at 224 px, no dilation) or 2 (a plain ResNet's).
+            dropcov: DropCov (NeurIPS 2022): adaptive channel dropout before the covariance during training; use it
+                with meta_layer='cov'.
+            **kwargs: timm ResNet options (drop_rate, drop_path_rate, ...).
+        """
+        if layer4_stride not in (1, 2):
+            raise ValueError(f'layer4_stride must be 1 (GCP architecture) or 2 (plain ResNet), got {layer4_stride!r}')
+        if kwargs.get('output_stride', 32) != 32:
+            raise ValueError('GCP ResNets set the stride of layer4 with layer4_stride, not output_stride')
+        super().__init__(block, layers, num_classes=0, in_chans=in_chans, global_pool='avg', **kwargs)
+        if isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or not 1 <= gcp_dim <= self.num_features:
+            raise ValueError(
+                f'gcp_dim must be an int from 1 to {self.num_features} (the backbone channels), got {gcp_dim!r}')
+        self.layer4_stride = layer4_stride
+        if layer4_stride == 1:
+            _remove_stride(self.layer4)
+            self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
+        self.gcp_dim = gcp_dim
+        self.meta_layer_name = meta_layer
+        self.meta_layer_kwargs = dict(meta_layer_kwargs or {})
+        self.dropcov = dropcov
+        self.reset_classifier(num_classes, global_pool)
+
+    def gcp_model_args(self) -> Dict[str, Any]:
+        """The JSON-serialisable kwargs that rebuild this model: pass them as `model_args` to timm's
+        `save_for_hf` / `push_to_hf_hub` (timm < 1.0.31 records only what is passed explicitly)."""
+        return dict(
+            num_classes=self.num_classes,
+            in_chans=self.in_chans,
+            global_pool=self.global_pool.pool_type,
+            gcp_dim=self.gcp_dim,
+            meta_layer=self.meta_layer_name,
+            meta_layer_kwargs=dict(self.meta_layer_kwargs),
+            layer4_stride=self.layer4_stride,
+            dropcov=self.dropcov,
+        )
+
+    def set_meta_layer(self, name: str, **kwargs) -> None:
+        """Switch the head's matrix normalisation, keeping every parameter (the hybrid protocol)."""
+        if isinstance(self.global_pool, GCPPool):
+            self.global_pool.set_meta_layer(name, **kwargs)
+            self.global_pool.meta_layer = self._like_backbone(self.global_pool.meta_layer)
+        else:
+            create_meta_layer(name, **kwargs)  # validate now; used when a GCP head is attached
+        self.meta_layer_name = name
+        self.meta_layer_kwargs = dict(kwargs)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New `fc` for `num_classes` (0: none). `global_pool` None keeps the current pooling (a GCP head keeps its
+        trained reduction); 'gcp' attaches a GCP head; other timm pool types ('avg', '' for none) replace it."""
+        global_pool = self.global_pool.pool_type if global_pool is None else global_pool
+        self.num_classes = num_classes
+        if global_pool == 'gcp':
+            if not isinstance(self.global_pool, GCPPool):
+                self.global_pool = GCPPool(
+                    self.num_features, self.gcp_dim, self.meta_layer_name, self.meta_layer_kwargs, self.dropcov)
+            self.head_hidden_size = self.global_pool.out_features
+            self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        else:
+            self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool, self.fc = self._like_backbone(self.global_pool), self._like_backbone(self.fc)
+
+    def _like_backbone(self, module: nn.Module) -> nn.Module:
+        """`module` on the backbone's device and dtype, in the model's train/eval mode."""
+        reference = self.conv1.weight
+        return module.to(device=reference.device, dtype=reference.dtype).train(self.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'{type(self).__name__} expects images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
+        return super().forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if isinstance(self.global_pool, GCPPool) and x.shape[-1] * x.shape[-2] < 2:
+            reduction = self.feature_info[-1]['reduction']
+            raise ValueError(
+                f'covariance pooling needs a feature map of at least 2 positions, got {tuple(x.shape[-2:])}: this '
+                f'network downsamples by {reduction}, so inputs must be larger than {reduction}x{reduction} px')
+        return super().forward_head(x, pre_logits)
+
+
+_DESCRIPTION = 'GCP ResNet (iSQRT-COV: layer4 stride 1, 1x1 reduction to 256, covariance, meta-layer, triu, FC)'
+_PAPER = 'Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root Normalization'
+_ARCHS = {
+    'gcp_resnet18': (BasicBlock, (2, 2, 2, 2)),
+    'gcp_resnet34': (BasicBlock, (3, 4, 6, 3)),
+    'gcp_resnet50': (Bottleneck, (3, 4, 6, 3)),
+    'gcp_resnet101': (Bottleneck, (3, 4, 23, 3)),
+    'gcp_resnet152': (Bottleneck, (3, 8, 36, 3)),
+}
+
+default_cfgs = generate_default_cfgs({
+    name: cfg
+    for arch in _ARCHS
+    for name, cfg in pretrained_cfgs(arch, _DESCRIPTION, (ISQRT_COV_PAPER,), _PAPER).items()
+})
+
+
+def _create_gcp_resnet(variant: str, pretrained: bool = False, **kwargs) -> GcpResNet:
+    block, layers = _ARCHS[variant]
+    return build_gcp_model(GcpResNet, variant, pretrained, block=block, layers=layers, **kwargs)
+
+
+@register_model
+def gcp_resnet18(pretrained: bool = False, **kwargs) -> GcpResNet:
+    """GCP ResNet-18: BasicBlocks (2, 2, 2, 2), 512 -> 256 reduction, iSQRT-COV head."""
+    return _create_gcp_resnet('gcp_resnet18', pretrained, **kwargs)
+
+
+@register_model
+def gcp_resnet34(pretrained: bool = False, **kwargs) -> GcpResNet:
+    """GCP ResNet-34: BasicBlocks (3, 4, 6, 3), 512 -> 256 reduction, iSQRT-COV head."""
+    return _create_gcp_resnet('gcp_resnet34', pretrained, **kwargs)
+
+
+@register_model
+def gcp_resnet50(pretrained: bool = False, **kwargs) -> GcpResNet:
+    """GCP ResNet-50: Bottlenecks (3, 4, 6, 3), 2048 -> 256 reduction, iSQRT-COV head."""
+    return _create_gcp_resnet('gcp_resnet50', pretrained, **kwargs)
+
+
+@register_model
+def gcp_resnet101(pretrained: bool = False, **kwargs) -> GcpResNet:
+    """GCP ResNet-101: Bottlenecks (3, 4, 23, 3), 2048 -> 256 reduction, iSQRT-COV head."""
+    return _create_gcp_resnet('gcp_resnet101', pretrained, **kwargs)
+
+
+@register_model
+def gcp_resnet152(pretrained: bool = False, **kwargs) -> GcpResNet:
+    """GCP ResNet-152: Bottlenecks (3, 8, 36, 3), 2048 -> 256 reduction, iSQRT-COV head."""
+    return _create_gcp_resnet('gcp_resnet152', pretrained, **kwargs)
