@@ -1,0 +1,36 @@
+"""Print the README model table generated from hub/catalogue.yaml, or rewrite it in README.md (--write).
+
+The table lives between the markers <!-- model-table --> and <!-- /model-table --> of README.md.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from timm_gcp.hub.catalogue import load_catalogue, render_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = '<!-- model-table -->\n', '<!-- /model-table -->'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--catalogue', default=str(ROOT / 'hub' / 'catalogue.yaml'))
+    parser.add_argument('--readme', default=str(ROOT / 'README.md'))
+    parser.add_argument('--write', action='store_true', help='replace the table in the README')
+    args = parser.parse_args(argv)
+    table = render_table(load_catalogue(args.catalogue))
+    if not args.write:
+        print(table, end='')
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        print(f'{readme} needs exactly one {BEGIN.strip()} ... {END} block', file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN)
+    readme.write_text(head + BEGIN + table + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Official checkpoint conversion: synthetic checkpoints with the official layouts, checked tensor by tensor and
+against an independently written float64 forward of the official architecture."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+
+import timm_gcp  # noqa: F401  registers the GCP models
+from timm_gcp.hub.convert import convert_checkpoint, load_official_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = REPO.parent / 'shared' / 'reference' / 'official_checkpoint_layouts.json'
+NEWMODEL = 'main.py Newmodel(resnet50 + MPNCOV)'
+
+
+def _load_cli(name: str):
+    """hub/NAME.py as a module (hub/ holds scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f'hub_cli_{name}', REPO / 'hub' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith('num_batches_tracked'):
+        return torch.tensor(7)
+    if name.endswith('running_var'):
+        return torch.rand(shape, generator=gen) + 0.5
+    if len(shape) == 1:  # BN affine, running means, classifier bias
+        return torch.randn(shape, generator=gen) * 0.1 + (1.0 if name.endswith('.weight') else 0.0)
+    fan_in = torch.Size(shape)[1:].numel()
+    return torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
+
+
+def _official_state_dict(layout: str, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    entries = json.loads(LAYOUTS.read_text())[layout]
+    return {name: _random_tensor(name, shape, gen) for name, shape in entries}
+
+
+@pytest.fixture(scope='module')
+def mpncov_r50(tmp_path_factory):
+    sd = _official_state_dict('mpncovresnet50', seed=1)
+    path = tmp_path_factory.mktemp('official') / 'mpncovresnet50-synthetic.pth'
+    torch.save(sd, path)  # model-zoo style: a bare state dict
+    return sd, path
+
+
+@pytest.fixture(scope='module')
+def newmodel_r50(tmp_path_factory):
+    sd = _official_state_dict(NEWMODEL, seed=2)
+    path = tmp_path_factory.mktemp('official') / 'model_best.pth.tar'
+    # the training script's checkpoint: DataParallel features inside {'state_dict': ...} with training metadata
+    wrapped = {k.replace('features.', 'features.module.', 1): v for k, v in sd.items()}
+    torch.save({'epoch': 65, 'arch': 'mpncovresnet50', 'best_prec1': 77.9, 'state_dict': wrapped}, path)
+    return sd, path
+
+
+# ---- independent reference of the official forward (torchvision ResNet-50 + the GCP_FACTS head), float64
+
+def _torchvision_resnet50(layer4_stride: int) -> nn.Module:
+    net = torchvision.models.resnet50()
+    if layer4_stride == 1:  # mpncovresnet: the first layer4 block's 3x3 conv and its shortcut at stride 1
+        net.layer4[0].conv2.stride = (1, 1)
+        net.layer4[0].downsample[0].stride = (1, 1)
+    return net.double().eval()
+
+
+def _features(net: nn.Module) -> nn.Sequential:
+    """The training script's `features`: a torchvision ResNet's children up to layer4 (indices 0..7)."""
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+
+
+def _newton_schulz_sqrt(cov: torch.Tensor, iters: int = 5) -> torch.Tensor:
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    y, z = cov / trace, eye
+    for _ in range(iters - 1):
+        t = 0.5 * (3 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return y @ (0.5 * (3 * eye - z @ y)) * trace.sqrt()
+
+
+def _eig_sqrt(cov: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(torch.finfo(cov.dtype).eps * evals.amax(-1, keepdim=True))
+    return evecs @ torch.diag_embed(evals.sqrt()) @ evecs.transpose(-1, -2)
+
+
+def _official_logits(x, features, reduce_w, bn: dict, fc_w, fc_b, sqrt) -> torch.Tensor:
+    x = features(x)
+    x = F.relu(F.batch_norm(F.conv2d(x, reduce_w), bn['running_mean'], bn['running_var'], bn['weight'], bn['bias'],
+                            training=False, eps=1e-5))
+    b, d = x.shape[:2]
+    feats = x.reshape(b, d, -1)
+    feats = feats - feats.mean(-1, keepdim=True)
+    cov = feats @ feats.transpose(1, 2) / feats.shape[-1]
+    index = torch.ones(d, d).triu().reshape(d * d).nonzero().squeeze(1)  # the official triu vectorisation
+    return sqrt(cov).reshape(b, d * d)[:, index] @ fc_w.T + fc_b
+
+
+def _under(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v.double() for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _check_logits(model: nn.Module, reference, rtol: float = 1e-6) -> None:
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model = model.double().eval()
+    with torch.no_grad():
+        expected, got = reference(x), model(x)
+    scale = expected.abs().max()
+    assert torch.allclose(got, expected, rtol=rtol, atol=rtol * scale), float((got - expected).abs().max() / scale)
+
+
+def test_mpncovresnet50_every_tensor_and_logits(mpncov_r50, tmp_path):
+    sd, path = mpncov_r50
+    out, model = convert_checkpoint(path, 'gcp_resnet50', tmp_path / 'converted')
+    converted = load_file(str(out / 'model.safetensors'))
+    assert len(converted) == len(sd)  # nothing dropped, nothing invented
+    head = {'layer_reduce_bn.': 'global_pool.bn.', 'layer_reduce.': 'global_pool.conv.'}
+    for name, tensor in sd.items():
+        target = next((new + name[len(old):] for old, new in head.items() if name.startswith(old)), name)
+        assert torch.equal(converted[target], tensor), name
+    assert (model.layer4_stride, model.meta_layer_name) == (1, 'isqrt')
+
+    net = _torchvision_resnet50(layer4_stride=1)
+    net.load_state_dict({k: v for k, v in _under(sd, '').items() if not k.startswith(('layer_reduce', 'fc.'))},
+                        strict=False)
+    _check_logits(model, lambda x: _official_logits(
+        x, _features(net), sd['layer_reduce.weight'].double(), _under(sd, 'layer_reduce_bn.'),
+        sd['fc.weight'].double(), sd['fc.bias'].double(), _newton_schulz_sqrt))
+
+
+@pytest.mark.parametrize('source, stride, meta_layer, sqrt', [
+    ('fast-mpn-cov', 1, 'isqrt', _newton_schulz_sqrt),
+    ('svd-pade', 2, 'svd_pade', _eig_sqrt),
+])
+def test_training_script_layout(newmodel_r50, tmp_path, source, stride, meta_layer, sqrt):
+    sd, path = newmodel_r50
+    out, model = convert_checkpoint(path, 'gcp_resnet50', tmp_path / 'converted', source=source)
+    converted = load_file(str(out / 'model.safetensors'))
+    assert len(converted) == len(sd)
+    stages = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3', '7': 'layer4'}
+    for name, tensor in sd.items():
+        if name.startswith('features.'):
+            index, rest = name[len('features.'):].split('.', 1)
+            target = f'{stages[index]}.{rest}'
+        else:
+            target = name.replace('representation.conv_dr_block.0.', 'global_pool.conv.').replace(
+                'representation.conv_dr_block.1.', 'global_pool.bn.').replace('classifier.', 'fc.')
+        assert torch.equal(converted[target], tensor), name
+    assert (model.layer4_stride, model.meta_layer_name) == (stride, meta_layer)
+
+    features = _features(_torchvision_resnet50(stride))
+    features.load_state_dict(_under(sd, 'features.'), strict=True)  # the official module structure, as is
+    _check_logits(model, lambda x: _official_logits(
+        x, features, sd['representation.conv_dr_block.0.weight'].double(),
+        _under(sd, 'representation.conv_dr_block.1.'), sd['classifier.weight'].double(),
+        sd['classifier.bias'].double(), sqrt))
+
+    if source == 'svd-pade':  # config.json restores the non-default stride and meta-layer
+        reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+        assert (reloaded.layer4_stride, reloaded.meta_layer_name) == (stride, meta_layer)
+        assert all(torch.equal(v, converted[k]) for k, v in reloaded.state_dict().items())
+
+
+@pytest.mark.parametrize('wrap', ['bare', 'state_dict', 'ddp', 'dataparallel_features'])
+def test_checkpoint_wrappers(tmp_path, wrap):
+    names = ['features.0.weight', 'features.7.2.bn3.running_var', 'representation.conv_dr_block.0.weight']
+    sd = {name: torch.full((2,), float(i)) for i, name in enumerate(names)}
+    stored = {
+        'bare': sd,
+        'state_dict': {'epoch': 3, 'best_prec1': 1.5, 'state_dict': sd},
+        'ddp': {'module.' + k: v for k, v in sd.items()},
+        'dataparallel_features': {k.replace('features.', 'features.module.'): v for k, v in sd.items()},
+    }[wrap]
+    torch.save(stored, tmp_path / 'ckpt.pth.tar')
+    loaded = load_official_checkpoint(tmp_path / 'ckpt.pth.tar')
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+class _Arbitrary:
+    pass
+
+
+def test_bad_checkpoints(tmp_path, mpncov_r50):
+    torch.save({'model': _Arbitrary()}, tmp_path / 'pickle.pth')
+    with pytest.raises(ValueError, match='weights_only=True'):
+        load_official_checkpoint(tmp_path / 'pickle.pth')
+    torch.save({'conv.weight': torch.zeros(1)}, tmp_path / 'other.pth')
+    with pytest.raises(ValueError, match='unknown checkpoint layout'):
+        convert_checkpoint(tmp_path / 'other.pth', 'gcp_resnet50', tmp_path / 'out')
+    with pytest.raises(FileNotFoundError):
+        load_official_checkpoint(tmp_path / 'missing.pth')
+    with pytest.raises(ValueError, match='does not fit gcp_resnet101: missing'):
+        convert_checkpoint(mpncov_r50[1], 'gcp_resnet101', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
+    """hub/convert.py end to end on an mpncovresnet-layout ResNet-18 (timm resnet18 names + layer_reduce + fc)."""
+    backbone = timm.create_model('resnet18', num_classes=0).state_dict()
+    gen = torch.Generator().manual_seed(4)
+    sd = {k: _random_tensor(k, v.shape, gen) for k, v in backbone.items()}
+    sd.update({'layer_reduce.weight': torch.randn(16, 512, 1, 1, generator=gen) * 0.06,
+               'layer_reduce_bn.weight': torch.ones(16), 'layer_reduce_bn.bias': torch.zeros(16),
+               'layer_reduce_bn.running_mean': torch.zeros(16), 'layer_reduce_bn.running_var': torch.ones(16),
+               'layer_reduce_bn.num_batches_tracked': torch.tensor(0),
+               'fc.weight': torch.randn(5, 136, generator=gen) * 0.1, 'fc.bias': torch.zeros(5)})
+    torch.save(sd, tmp_path / 'mpncovresnet18.pth')
+    (tmp_path / 'labels.txt').write_text('\n'.join('abcde') + '\n')
+    cli = _load_cli('convert')
+    assert cli.main([str(tmp_path / 'mpncovresnet18.pth'), '--model', 'gcp_resnet18', '--output',
+                     str(tmp_path / 'out'), '--label-names', str(tmp_path / 'labels.txt')]) == 0
+    model = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    assert (model.gcp_dim, model.num_classes, model.pretrained_cfg['label_names']) == (16, 5, list('abcde'))
+    assert torch.equal(model.global_pool.conv.weight, sd['layer_reduce.weight'])
+    assert 'python hub/convert.py' in (tmp_path / 'out' / 'README.md').read_text()
+
+    assert cli.main([str(tmp_path / 'nope.pth'), '--model', 'gcp_resnet18', '--output', str(tmp_path / 'o2')]) == 1
+    assert 'does not exist' in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""export_model and the model card: files, config, atomic replacement, YAML metadata, citations."""
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+import timm_gcp  # noqa: F401  registers the GCP models
+from timm_gcp.hub import card_metrics, export_model
+from timm_gcp.hub import export as export_module
+from timm_gcp.hub.citations import citations_for
+
+METRICS = {'top1': 81.25, 'top5': 97.5, 'best_top1': 82.5, 'best_top5': 98.0, 'best_epoch': 7, 'epochs': 10}
+RECIPE = {'lr': 0.0012, 'epochs': 10, 'img_size': 448, 'classifier_lr_mult': 5}
+COMMAND = 'accelerate launch train.py -c recipes/finegrained_448.yaml --model gcp_resnet18 --data-dir data/pets'
+
+
+@pytest.fixture(scope='module')
+def gcp_model():
+    return timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=16, meta_layer='svd_pade').eval()
+
+
+def _front_matter(readme: str) -> dict:
+    assert readme.startswith('---\n')
+    return yaml.safe_load(readme.split('---\n')[1])
+
+
+def test_export_writes_loadable_folder(gcp_model, tmp_path):
+    out = export_model(gcp_model, tmp_path / 'run' / 'model', label_names=['cat', 'dog', 'owl'], metrics=METRICS,
+                       recipe=RECIPE, command=COMMAND, dataset='pets')
+    assert out == tmp_path / 'run' / 'model'
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert [p.name for p in (tmp_path / 'run').iterdir()] == ['model']  # no temp dirs left behind
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'gcp_resnet18' and config['label_names'] == ['cat', 'dog', 'owl']
+    args = config['model_args']
+    assert (args['gcp_dim'], args['meta_layer'], args['layer4_stride'], args['num_classes']) == (16, 'svd_pade', 1, 3)
+
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.meta_layer_name == 'svd_pade'
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gcp_model(x))
+
+
+def test_export_plain_timm_model(tmp_path):
+    model = timm.create_model('resnet18', num_classes=2).eval()
+    out = export_model(model, tmp_path / 'model', label_names=['a', 'b'])
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'resnet18' and config['model_args']['num_classes'] == 2
+    readme = (out / 'README.md').read_text()
+    assert _front_matter(readme)['library_name'] == 'timm'
+    assert '```bibtex' not in readme and 'none (no covariance pooling head)' in readme  # no GCP paper applies
+    assert torch.equal(timm.create_model(f'local-dir:{out}', pretrained=True).fc.weight, model.fc.weight)
+
+
+def test_export_channels_last_model(tmp_path):
+    model = timm.create_model('gcp_resnet18', num_classes=2, gcp_dim=8).eval().to(memory_format=torch.channels_last)
+    out = export_model(model, tmp_path / 'model', label_names=['a', 'b'])
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the caller's model is untouched
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight)
+
+
+def test_export_replaces_atomically(gcp_model, tmp_path, monkeypatch):
+    out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics={'top1': 1.0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_card(info):
+        raise RuntimeError('disk full while writing the card')
+
+    monkeypatch.setattr(export_module, 'build_model_card', broken_card)
+    with pytest.raises(RuntimeError, match='disk full'):
+        export_model(gcp_model, out, label_names=['a', 'b', 'c'], metrics={'top1': 2.0})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export is intact
+    assert [p.name for p in tmp_path.iterdir()] == ['model']
+
+
+def test_export_bad_input(gcp_model, tmp_path):
+    with pytest.raises(ValueError, match='label_names has 2 entries but the model has 3 classes'):
+        export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b'])
+    with pytest.raises(TypeError, match='sequence of str'):
+        export_model(gcp_model, tmp_path / 'model', label_names='abc')
+    (tmp_path / 'busy').mkdir()
+    (tmp_path / 'busy' / 'notes.txt').write_text('keep me')
+    with pytest.raises(ValueError, match=r"would lose: \['notes.txt'\]"):
+        export_model(gcp_model, tmp_path / 'busy', label_names=['a', 'b', 'c'])
+    assert (tmp_path / 'busy' / 'notes.txt').read_text() == 'keep me'
+    assert not (tmp_path / 'model').exists()
+
+
+def test_model_card_content(gcp_model, tmp_path):
+    out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics=METRICS, recipe=RECIPE,
+                       command=COMMAND, dataset='pets', repo_id='timm-gcp/gcp_resnet18.pets')
+    readme = (out / 'README.md').read_text()
+    meta = _front_matter(readme)
+    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0' and meta['datasets'] == ['pets']
+    assert meta['tags'] == ['image-classification', 'timm', 'timm-gcp']
+    results = meta['model-index'][0]['results'][0]
+    assert results['dataset']['name'] == 'pets'
+    assert [(m['name'], m['value']) for m in results['metrics']] == [('top-1 accuracy', 81.25),
+                                                                     ('top-5 accuracy', 97.5)]
+    assert card_metrics(ModelCard.load(out / 'README.md')) == {'top1': 81.25, 'top5': 97.5}
+    assert COMMAND in readme and 'classifier_lr_mult: 5' in readme and '| best_top1 | 82.5 |' in readme
+    assert '`svd_pade`' in readme and '16 (136 features)' in readme
+    assert "import timm_gcp" in readme and "hf-hub:timm-gcp/gcp_resnet18.pets" in readme
+    for title in ('Why Approximate Matrix Square Root Outperforms Accurate SVD',
+                  'Is Second-order Information Helpful for Large-scale Visual Recognition?'):
+        assert title in readme
+    assert 'Iterative Matrix Square Root Normalization' not in readme  # iSQRT-COV is not this model's meta-layer
+
+
+@pytest.mark.parametrize('arch, meta_layer, papers', [
+    ('gcp_resnet50', 'isqrt', ['Iterative Matrix Square Root', 'Is Second-order', 'An Optimization Perspective']),
+    ('gcp_resnet50', 'mpa_lya', ['Fast Differentiable Matrix Square Root', 'Is Second-order']),
+    ('gcp_resnet50', 'cov', ['DropCov']),
+    ('gsop_resnet50', 'isqrt', ['Global Second-order Pooling Convolutional Networks', 'Iterative Matrix']),
+])
+def test_citations_follow_the_model(arch, meta_layer, papers):
+    cited = '\n'.join(citations_for(arch, meta_layer))
+    assert all(p in cited for p in papers)
+    assert ('Global Second-order Pooling' in cited) == arch.startswith('gsop_')
+
+
+@pytest.mark.parametrize('native', [True, False], ids=['timm-1.0.31', 'timm-1.0.29-save_for_hf'])
+def test_export_records_data_config(gcp_model, tmp_path, monkeypatch, native):
+    if not native:  # timm <= 1.0.29: save_for_hf has no data_config parameter
+        def old_save_for_hf(model, save_directory, model_config=None, model_args=None, safe_serialization=False):
+            timm.models.save_for_hf(model, save_directory, model_config=model_config, model_args=model_args,
+                                    safe_serialization=safe_serialization)
+        monkeypatch.setattr(export_module, 'save_for_hf', old_save_for_hf)
+    out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'],
+                       data_config={'input_size': (3, 96, 96), 'crop_pct': 1.0})
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    data = timm.data.resolve_model_data_config(loaded)
+    assert data['input_size'] == (3, 96, 96) and data['crop_pct'] == 1.0
+    assert '3 x 96 x 96' in (out / 'README.md').read_text()

@@ -1,0 +1,236 @@
+"""push / verify against the project's Hub-protocol server (tests/hub_server.py), driven by the real
+huggingface_hub client and timm. In-process tests patch the client's endpoint; CLI tests run as subprocesses."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image
+
+import timm_gcp  # noqa: F401  registers the GCP models
+from timm_gcp.hub import export_model
+from timm_gcp.hub.push import push_model, with_retries
+from timm_gcp.hub.verify import VerificationError, verify_repo
+from hub_server import HubServer, serve_patched
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = 'hf_test_Zx81secretTOKEN'
+LABELS = ['cat', 'dog', 'owl']
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = serve_patched(monkeypatch, tmp_path / 'hf_cache', TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope='module')
+def model():
+    return timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=16).eval()
+
+
+@pytest.fixture
+def exported(model, tmp_path):
+    return export_model(model, tmp_path / 'run' / 'model', label_names=LABELS, metrics={'top1': 50.0, 'top5': 100.0},
+                        dataset='toy', data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """A tiny val/<class>/*.png folder the model sees at its 64 px data config."""
+    root = tmp_path_factory.mktemp('images')
+    gen = torch.Generator().manual_seed(5)
+    for label in LABELS:
+        (root / 'val' / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = (torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / 'val' / label / f'{i}.png')
+    return root
+
+
+def _accuracy(model_dir: Path, folder: Path) -> float:
+    """top-1 in % of an exported model with its own data config, computed independently of timm_gcp.hub."""
+    model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    hits = total = 0
+    with torch.no_grad():
+        for index, label in enumerate(LABELS):
+            for path in sorted((folder / 'val' / label).iterdir()):
+                logits = model(transform(Image.open(path).convert('RGB')).unsqueeze(0))
+                hits += int(logits.argmax(1).item() == index)
+                total += 1
+    return 100.0 * hits / total
+
+
+def test_push_one_commit_list_download_and_load(hub, model, exported):
+    result = push_model(exported, 'org/gcp18', retry_delay=0.01)
+    history = hub.history('org/gcp18')
+    assert len(history) == 2 and result.commit_oid == history[-1]  # creation + exactly one upload commit
+    files = hub.files('org/gcp18')
+    assert sorted(files) == ['.gitattributes', 'README.md', 'config.json', 'model.safetensors',
+                             'timm_gcp_manifest.json']
+    assert files['model.safetensors'] == (exported / 'model.safetensors').read_bytes()
+    assert b'hf-hub:org/gcp18' in files['README.md'] and b'<repo-id>' not in files['README.md']
+    manifest = json.loads(files['timm_gcp_manifest.json'])
+    assert manifest['files']['config.json']['sha256'] == result.sha256['config.json']
+
+    assert sorted(huggingface_hub.list_repo_files('org/gcp18')) == sorted(files)
+    path = huggingface_hub.hf_hub_download('org/gcp18', 'config.json')
+    assert Path(path).read_bytes() == files['config.json']
+    loaded = timm.create_model('hf-hub:org/gcp18', pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    again = push_model(exported, 'org/gcp18', retry_delay=0.01)  # unchanged files: no new commit
+    assert again.commit_oid == result.commit_oid and hub.history('org/gcp18') == history
+
+    branch = push_model(exported, 'org/gcp18', revision='v1', private=True, retry_delay=0.01)
+    assert hub.repos[('model', 'org/gcp18')].refs['v1'] == branch.commit_oid
+    assert hub.history('org/gcp18') == history  # the branch starts at main: nothing changed, nothing committed
+
+
+def test_transient_errors_are_retried(hub, exported, caplog):
+    hub.fail_next_commits = 2
+    with caplog.at_level(logging.WARNING, logger='timm_gcp.hub.push'):
+        result = push_model(exported, 'org/retry', private=True, retry_delay=0.01)
+    assert hub.repos[('model', 'org/retry')].private
+    assert hub.commit_requests == 3 and hub.history('org/retry')[-1] == result.commit_oid
+    assert len(hub.history('org/retry')) == 2
+    assert caplog.text.count('transient error') == 2
+
+
+def test_with_retries_only_retries_transient_errors():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError('connection reset')
+        return 'done'
+
+    assert with_retries(flaky, 'flaky', max_retries=3, delay=0.001) == 'done' and len(calls) == 3
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise ValueError('not transient')
+
+    with pytest.raises(ValueError):
+        with_retries(broken, 'broken', max_retries=3, delay=0.001)
+    assert len(calls) == 1
+
+
+def test_failed_upload_leaves_repo_unchanged(hub, model, exported):
+    push_model(exported, 'org/atomic', retry_delay=0.01)
+    before, history = hub.files('org/atomic'), hub.history('org/atomic')
+    changed = timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=16)
+    export_model(changed, exported, label_names=LABELS, metrics={'top1': 75.0, 'top5': 100.0})
+    hub.fail_paths = {'config.json'}  # the server rejects any commit touching config.json
+    with pytest.raises(HfHubHTTPError, match='500'):
+        push_model(exported, 'org/atomic', max_retries=1, retry_delay=0.01)
+    assert hub.files('org/atomic') == before and hub.history('org/atomic') == history  # weights did not land alone
+
+
+def test_invalid_folder_fails_before_any_request(hub, exported, tmp_path):
+    with pytest.raises(ValueError, match='ORG/NAME'):
+        push_model(exported, 'no-slash')
+    config_text = (exported / 'config.json').read_text()
+    (exported / 'config.json').write_text('{"architecture": "gcp_resnet18"')
+    with pytest.raises(ValueError, match='not valid JSON'):
+        push_model(exported, 'org/x')
+    config = json.loads(config_text)
+    (exported / 'config.json').write_text(json.dumps({**config, 'num_classes': 4, 'label_names': list('abcd')}))
+    with pytest.raises(ValueError, match='fc.weight has 3 rows but config.json says num_classes=4'):
+        push_model(exported, 'org/x')
+    (exported / 'config.json').write_text(json.dumps({'architecture': 'nonexistent_net', 'num_classes': 3,
+                                                      'pretrained_cfg': {}}))
+    with pytest.raises(ValueError, match='not registered with timm'):
+        push_model(exported, 'org/x')
+    (exported / 'config.json').unlink()
+    with pytest.raises(ValueError, match=r"lacks \['config.json'\]"):
+        push_model(exported, 'org/x')
+    with pytest.raises(ValueError, match='not a directory'):
+        push_model(tmp_path / 'nowhere', 'org/x')
+    assert hub.requests == []
+
+
+def test_token_from_hf_auth_login_file(hub, exported, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.delenv('HF_TOKEN')
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'token'))
+    with pytest.raises(ValueError, match='no Hugging Face token'):
+        push_model(exported, 'org/login')
+    assert hub.requests == []
+    (tmp_path / 'token').write_text(TOKEN)  # what `hf auth login` stores
+    assert push_model(exported, 'org/login').commit_oid == hub.history('org/login')[-1]
+
+
+def test_verify_checks_bytes_load_and_accuracy(hub, model, exported, image_folder):
+    accuracy = _accuracy(exported, image_folder)
+    export_model(model, exported, label_names=LABELS, metrics={'top1': accuracy, 'top5': 100.0}, dataset='toy',
+                 data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
+    pushed = push_model(exported, 'org/verified', retry_delay=0.01)
+    report = verify_repo('org/verified', data_dir=image_folder, tolerance=0.01)
+    assert report.commit == pushed.commit_oid and report.sha256 == pushed.sha256
+    assert report.measured['top1'] == pytest.approx(accuracy) and report.measured['count'] == 9
+
+    export_model(model, exported, label_names=LABELS, metrics={'top1': accuracy + 20, 'top5': 100.0},
+                 data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
+    push_model(exported, 'org/verified', retry_delay=0.01)
+    with pytest.raises(VerificationError, match='top1: re-evaluated'):
+        verify_repo('org/verified', data_dir=image_folder)
+    assert verify_repo('org/verified', revision=pushed.commit_oid, expected_sha256=pushed.sha256).commit == \
+        pushed.commit_oid
+    with pytest.raises(VerificationError, match='differs from the expected'):
+        verify_repo('org/verified', revision=pushed.commit_oid, expected_sha256={'config.json': '0' * 64})
+
+
+def test_verify_detects_tampering(hub, exported):
+    push_model(exported, 'org/tampered', retry_delay=0.01)
+    repo = hub.repos[('model', 'org/tampered')]
+    files = dict(repo.commits[repo.refs['main']])
+    weights = bytearray(files['model.safetensors'])
+    weights[-1] ^= 1
+    repo.commit('main', {**files, 'model.safetensors': bytes(weights)}, 'flip one bit')
+    with pytest.raises(VerificationError, match='model.safetensors: downloaded sha256'):
+        verify_repo('org/tampered')
+    repo.commit('main', {**files, 'extra.bin': b'x'}, 'add a file outside the manifest')
+    with pytest.raises(VerificationError, match=r"does not cover: \['extra.bin'\]"):
+        verify_repo('org/tampered')
+    del files['timm_gcp_manifest.json']
+    repo.commit('main', files, 'no manifest')
+    with pytest.raises(VerificationError, match='not published with hub/push.py'):
+        verify_repo('org/tampered')
+
+
+def test_cli_push_and_verify_never_print_the_token(exported, tmp_path, image_folder):
+    """The CLIs as a user runs them: HF_ENDPOINT/HF_HOME/HF_TOKEN in the environment of fresh processes."""
+    server = HubServer(token=TOKEN).start()
+    try:
+        env = {**os.environ, 'HF_ENDPOINT': server.endpoint, 'HF_HOME': str(tmp_path / 'hf_home'),
+               'HF_TOKEN': TOKEN, 'HF_HUB_VERBOSITY': 'debug', 'HF_HUB_DISABLE_TELEMETRY': '1'}
+        env.pop('HF_HUB_OFFLINE', None)
+        push = subprocess.run([sys.executable, 'hub/push.py', str(exported), '--repo-id', 'org/cli',
+                               '--commit-message', 'first upload', '--retry-delay', '0.01'],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert push.returncode == 0, push.stderr
+        assert server.history('org/cli')[-1] in push.stdout and 'sha256' in push.stdout
+        verify = subprocess.run([sys.executable, 'hub/verify.py', 'org/cli', '--data-dir', str(image_folder),
+                                 '--tolerance', '0'], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        # the card says 50% top-1 on a toy set where the random model scores something else: a clear mismatch
+        assert verify.returncode == 1 and 'top1: re-evaluated' in verify.stderr
+        for output in (push.stdout, push.stderr, verify.stdout, verify.stderr):
+            assert TOKEN not in output
+    finally:
+        server.stop()

@@ -1,0 +1,86 @@
+"""The catalogue of every published, converted or planned weight (hub/catalogue.yaml) and its README table."""
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import yaml
+
+__all__ = ['CatalogueEntry', 'load_catalogue', 'recorded_sha256', 'render_table', 'STATUSES']
+
+STATUSES = ('published', 'converted', 'planned')
+_FIELDS = ('arch', 'tag', 'meta_layer', 'dataset', 'resolution', 'num_classes', 'recipe', 'hub_id', 'status')
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    arch: str
+    tag: str
+    meta_layer: str
+    dataset: str
+    resolution: int
+    num_classes: int
+    recipe: str
+    hub_id: str
+    status: str
+    metrics: Optional[Dict[str, float]] = None  # measured top-1/top-5 (%) of the published weights
+    paper_top1: Optional[float] = None  # what the papers report for this architecture and data
+    sha256: Optional[Dict[str, str]] = None  # of the published files, as hub/push.py printed them
+    note: str = ''
+
+    @property
+    def name(self) -> str:
+        return f'{self.arch}.{self.tag}'
+
+
+def _entry(raw: dict, index: int) -> CatalogueEntry:
+    missing = [k for k in _FIELDS if raw.get(k) is None]
+    unknown = sorted(set(raw) - set(CatalogueEntry.__dataclass_fields__))
+    if missing or unknown:
+        raise ValueError(f'catalogue entry {index} ({raw.get("arch")}.{raw.get("tag")}): missing {missing}, '
+                         f'unknown fields {unknown}')
+    entry = CatalogueEntry(**raw)
+    if entry.status not in STATUSES:
+        raise ValueError(f'{entry.name}: status must be one of {STATUSES}, got {entry.status!r}')
+    if entry.status == 'published' and not (entry.metrics and entry.sha256):
+        raise ValueError(f'{entry.name}: a published entry records its measured metrics and sha256')
+    return entry
+
+
+def load_catalogue(path: Union[str, os.PathLike]) -> List[CatalogueEntry]:
+    """Entries of a catalogue YAML file (a mapping with a `models` list); ValueError on a malformed entry."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get('models'), list):
+        raise ValueError(f'{path}: expected a mapping with a `models` list')
+    entries = [_entry(raw, i) for i, raw in enumerate(doc['models'])]
+    seen = set()
+    for entry in entries:
+        if (entry.hub_id, entry.name) in seen:
+            raise ValueError(f'{path}: {entry.name} ({entry.hub_id}) is listed twice')
+        seen.add((entry.hub_id, entry.name))
+    return entries
+
+
+def recorded_sha256(entries: List[CatalogueEntry], hub_id: str) -> Dict[str, str]:
+    """{file: sha256} the catalogue records for the published repo `hub_id`; ValueError when it records none."""
+    for entry in entries:
+        if entry.hub_id == hub_id and entry.sha256:
+            return dict(entry.sha256)
+    raise ValueError(f'the catalogue records no sha256 for {hub_id} (only published entries have them)')
+
+
+def _accuracy(entry: CatalogueEntry) -> str:
+    if not entry.metrics:
+        return '—'
+    return f"{entry.metrics['top1']:.2f} / {entry.metrics['top5']:.2f}"
+
+
+def render_table(entries: List[CatalogueEntry]) -> str:
+    """The README's Markdown model table."""
+    lines = ['| model | meta-layer | dataset | res. | top-1 / top-5 (measured) | paper top-1 | status | Hub id |',
+             '|---|---|---|---|---|---|---|---|']
+    for e in entries:
+        paper = f'{e.paper_top1:.2f}' if e.paper_top1 is not None else '—'
+        lines.append(f'| `{e.name}` | {e.meta_layer} | {e.dataset} | {e.resolution} | {_accuracy(e)} | {paper} | '
+                     f'{e.status} | `{e.hub_id}` |')
+    return '\n'.join(lines) + '\n'

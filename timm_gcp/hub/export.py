@@ -1,0 +1,137 @@
+"""Write a Hub-ready folder (model.safetensors, config.json, README.md) for any timm model, atomically."""
+import copy
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from timm.models import save_for_hf
+
+from ..layers import GCPPool
+from .model_card import CardInfo, build_model_card
+
+__all__ = ['export_model', 'export_model_args', 'EXPORT_FILES', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME']
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+_RUNTIME_ARGS = ('num_classes', 'in_chans', 'global_pool', 'img_size')  # timm re-reads these from the model itself
+_DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+def export_model_args(model: nn.Module) -> Dict[str, Any]:
+    """Explicit constructor kwargs that rebuild `model` (timm <= 1.0.29 records none by itself)."""
+    if hasattr(model, 'gcp_model_args'):
+        args = dict(model.gcp_model_args())
+    else:
+        args = {
+            k: v for k, v in getattr(model, '_model_args', {}).items()
+            if k not in _RUNTIME_ARGS and not k.endswith('drop_rate')
+        }
+    args['num_classes'] = model.num_classes
+    return args
+
+
+def _meta_layer_name(model: nn.Module) -> Optional[str]:
+    """The meta-layer of the model's covariance pooling head, None without one (e.g. a GAP head)."""
+    return next((m.meta_layer_name for m in model.modules() if isinstance(m, GCPPool)), None)
+
+
+def _check_label_names(model: nn.Module, label_names: Sequence[str]) -> None:
+    if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
+        raise TypeError(f'label_names must be a sequence of str, got {type(label_names).__name__}')
+    if len(label_names) != model.num_classes:
+        raise ValueError(f'label_names has {len(label_names)} entries but the model has {model.num_classes} classes')
+
+
+def _check_target(output_dir: Path) -> None:
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise ValueError(f'export target {output_dir} exists and is not a directory')
+        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:
+            raise ValueError(f'export target {output_dir} holds files an export would lose: {foreign}')
+
+
+def _replace_dir(staged: Path, output_dir: Path) -> None:
+    """Move `staged` to `output_dir`; an earlier export there is swapped out only after the new one is complete."""
+    if not output_dir.exists():
+        os.replace(staged, output_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.old-'))
+    os.replace(output_dir, old / output_dir.name)
+    os.replace(staged, output_dir)
+    shutil.rmtree(old)
+
+
+def _contiguous(model: nn.Module) -> nn.Module:
+    """`model`, or a contiguous-format copy of it when some tensor is not (channels_last): safetensors needs that."""
+    if all(t.is_contiguous() for t in model.state_dict().values()):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+
+def _save_weights_and_config(model: nn.Module, folder: Path, label_names: List[str], model_args: Dict[str, Any],
+                             data_config: Optional[Mapping[str, Any]]) -> None:
+    model = _contiguous(model)
+    native = 'data_config' in inspect.signature(save_for_hf).parameters  # timm >= 1.0.31
+    save_for_hf(model, folder, model_config={'label_names': label_names}, model_args=model_args,
+                safe_serialization=True, **({'data_config': dict(data_config)} if native and data_config else {}))
+    if data_config and not native:  # older timm: record the preprocessing overrides ourselves
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        config['pretrained_cfg'].update({k: v for k, v in data_config.items() if k in _DATA_KEYS})
+        config['pretrained_cfg'].pop('test_input_size', None)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def export_model(
+        model: nn.Module,
+        output_dir: Union[str, os.PathLike],
+        *,
+        label_names: Sequence[str],
+        metrics: Optional[Mapping[str, Any]] = None,
+        recipe: Optional[Mapping[str, Any]] = None,
+        command: Optional[str] = None,
+        dataset: Optional[str] = None,
+        data_config: Optional[Mapping[str, Any]] = None,
+        repo_id: Optional[str] = None,
+) -> Path:
+    """Write model.safetensors, config.json (timm format, label names, explicit model_args) and README.md.
+
+    The folder appears complete or not at all. `data_config` overrides the preprocessing recorded in config.json
+    (e.g. the 448 px fine-tuning size); `repo_id` fills the card's loading snippet (push.py fills it otherwise).
+    """
+    output_dir = Path(output_dir)
+    _check_label_names(model, label_names)
+    _check_target(output_dir)
+    model_args = export_model_args(model)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.tmp-'))
+    try:
+        _save_weights_and_config(model, staged, list(label_names), model_args, data_config)
+        info = CardInfo(
+            architecture=model.pretrained_cfg.get('architecture') or type(model).__name__.lower(),
+            num_classes=model.num_classes,
+            num_params=sum(p.numel() for p in model.parameters()),
+            input_size=tuple(json.loads((staged / CONFIG_NAME).read_text())['pretrained_cfg']['input_size']),
+            model_args=model_args,
+            meta_layer=_meta_layer_name(model),
+            license=model.pretrained_cfg.get('license') or 'apache-2.0',
+            dataset=dataset,
+            metrics=metrics,
+            recipe=recipe,
+            command=command,
+            **({'repo_id': repo_id} if repo_id else {}),
+        )
+        build_model_card(info).save(staged / CARD_NAME)
+        _replace_dir(staged, output_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return output_dir

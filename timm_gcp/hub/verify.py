@@ -1,0 +1,114 @@
+"""Check a published repo end to end: checksums against the push manifest and the Hub's own object ids, loading
+through timm's `hf-hub:`, and (given data) the card's accuracy."""
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub.hf_api import RepoFile
+from safetensors.torch import load_file
+
+from .evaluate import evaluate_folder
+from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, WEIGHTS_NAME
+from .manifest import MANIFEST_NAME, file_digest, git_blob_oid, parse_manifest
+from .model_card import card_metrics
+from .push import check_repo_id
+
+__all__ = ['verify_repo', 'VerificationError', 'VerifyReport']
+
+_UNTRACKED = ('.gitattributes', MANIFEST_NAME)
+
+
+class VerificationError(Exception):
+    """The repo does not match what was pushed, or its card."""
+
+
+@dataclass
+class VerifyReport:
+    repo_id: str
+    commit: str
+    sha256: Dict[str, str]
+    measured: Dict[str, float] = field(default_factory=dict)
+    card: Dict[str, float] = field(default_factory=dict)
+
+
+def _check_checksums(local: Path, tree: Dict[str, RepoFile]) -> Dict[str, str]:
+    if not (local / MANIFEST_NAME).is_file():
+        raise VerificationError(f'no {MANIFEST_NAME} in the repo: it was not published with hub/push.py')
+    manifest = parse_manifest(local / MANIFEST_NAME)
+    missing = [name for name in EXPORT_FILES if name not in manifest]
+    if missing:
+        raise VerificationError(f'manifest does not cover {missing}')
+    uncovered = sorted(set(tree) - set(manifest) - set(_UNTRACKED))
+    if uncovered:
+        raise VerificationError(f'repo holds files the manifest does not cover: {uncovered}')
+    for name, expected in manifest.items():
+        if name not in tree:
+            raise VerificationError(f'{name} is listed in the manifest but absent from the repo')
+        sha, size = file_digest(local / name)
+        if (sha, size) != (expected['sha256'], expected['size']):
+            raise VerificationError(f"{name}: downloaded sha256 {sha} ({size} B) != pushed {expected['sha256']} "
+                                    f"({expected['size']} B)")
+        entry = tree[name]
+        if entry.lfs is not None:
+            if entry.lfs.sha256 != sha:
+                raise VerificationError(f'{name}: Hub LFS sha256 {entry.lfs.sha256} != downloaded {sha}')
+        elif entry.blob_id != git_blob_oid((local / name).read_bytes()):
+            raise VerificationError(f'{name}: Hub git oid {entry.blob_id} does not match the downloaded bytes')
+    return {name: entry['sha256'] for name, entry in manifest.items()}
+
+
+def _check_weights_loaded(model: torch.nn.Module, weights: Path) -> None:
+    expected = load_file(str(weights))
+    state = model.state_dict()
+    differ = sorted(k for k, v in expected.items() if k not in state or not torch.equal(state[k], v))
+    if differ or set(state) - set(expected):
+        raise VerificationError(f"hf-hub: loading did not reproduce {WEIGHTS_NAME}: differing {differ[:5]}, "
+                                f"missing {sorted(set(state) - set(expected))[:5]}")
+
+
+def verify_repo(
+        repo_id: str,
+        *,
+        revision: Optional[str] = None,
+        data_dir: Optional[Union[str, Path]] = None,
+        tolerance: float = 0.5,
+        batch_size: int = 32,
+        hflip_average: bool = False,
+        expected_sha256: Optional[Mapping[str, str]] = None,
+        token: Optional[str] = None,
+) -> VerifyReport:
+    """Download `repo_id` into a fresh cache and check it; raises VerificationError on any mismatch.
+
+    `tolerance` is in accuracy points (%) between re-evaluated and card top-1/top-5. `expected_sha256` ({file: sha})
+    is a record kept outside the repo (the catalogue, push's output) that the files must match too.
+    """
+    check_repo_id(repo_id)
+    api = HfApi(token=token)
+    commit = api.model_info(repo_id, revision=revision or 'main').sha  # pin everything below to one commit
+    with tempfile.TemporaryDirectory(prefix='timm_gcp_verify_') as cache:
+        local = Path(snapshot_download(repo_id, revision=commit, cache_dir=cache, token=token))
+        tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                if isinstance(f, RepoFile)}
+        sha256 = _check_checksums(local, tree)
+        for name, sha in (expected_sha256 or {}).items():
+            if sha256.get(name) != sha:
+                raise VerificationError(f'{name}: sha256 {sha256.get(name)} differs from the expected {sha}')
+        model = timm.create_model(f'hf-hub:{repo_id}@{commit}', pretrained=True, cache_dir=cache).eval()
+        _check_weights_loaded(model, local / WEIGHTS_NAME)
+        report = VerifyReport(repo_id, commit, sha256, card=card_metrics(ModelCard.load(local / CARD_NAME)))
+        if data_dir is not None:
+            if not report.card:
+                raise VerificationError(f'{CARD_NAME} has no model-index top-1/top-5 to compare with')
+            label_names = json.loads((local / CONFIG_NAME).read_text()).get('label_names')
+            report.measured = evaluate_folder(model, data_dir, label_names, batch_size, hflip_average)
+            for key, expected in report.card.items():
+                if abs(report.measured[key] - expected) > tolerance:
+                    raise VerificationError(
+                        f'{key}: re-evaluated {report.measured[key]:.2f}% on {data_dir} vs card {expected:.2f}% '
+                        f'(tolerance {tolerance} points)')
+    return report
