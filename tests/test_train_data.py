@@ -1,0 +1,133 @@
+"""Training data: folder checks, RGB conversion, unreadable images, per-sample augmentation seeds, HF datasets."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from timm_gcp.training import create_dataloader, create_datasets, to_rgb
+from timm_gcp.training.data import ImageFolderDataset
+
+
+def _make_folder(root: Path, classes=('a', 'b'), per_class=3, size=24):
+    for split in ('train', 'val'):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new('RGB', (size, size), (40 * c + 10 * i, 100, 200)).save(root / split / name / f'{i}.png')
+    return root
+
+
+def test_to_rgb_converts_every_mode():
+    cases = {
+        'L': Image.new('L', (4, 4), 128),
+        'CMYK': Image.new('CMYK', (4, 4), (0, 255, 255, 0)),          # pure red in CMYK
+        'P': Image.new('RGB', (4, 4), (0, 0, 255)).convert('P'),
+        'RGBA': Image.new('RGBA', (4, 4), (255, 0, 0, 0)),           # fully transparent red
+        'LA': Image.new('LA', (4, 4), (0, 255)),
+        'I;16': Image.new('I;16', (4, 4), 100),
+    }
+    for mode, img in cases.items():
+        rgb = to_rgb(img)
+        assert rgb.mode == 'RGB' and rgb.size == (4, 4), mode
+    assert to_rgb(cases['CMYK']).getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(cases['RGBA']).getpixel((0, 0)) == (255, 255, 255)  # transparent areas become white
+    assert to_rgb(cases['LA']).getpixel((0, 0)) == (0, 0, 0)
+    palette = Image.new('P', (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    palette.info['transparency'] = 0
+    assert [to_rgb(palette).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (0, 255, 0)]
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        create_datasets(str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match='no --data-dir'):
+        create_datasets(None)
+    root = _make_folder(tmp_path / 'd')
+    shutil.rmtree(root / 'val')
+    with pytest.raises(FileNotFoundError, match=r'val'):
+        create_datasets(str(root))
+    root = _make_folder(tmp_path / 'e')
+    (root / 'train' / 'c').mkdir()
+    (root / 'train' / 'c' / 'notes.txt').write_text('not an image')
+    with pytest.raises(ValueError, match=r'class folder .*train/c holds no images'):
+        create_datasets(str(root))
+    root = _make_folder(tmp_path / 'f')
+    shutil.move(root / 'val' / 'b', root / 'val' / 'z')
+    with pytest.raises(ValueError, match=r"only in train: \['b'\], only in val: \['z'\]"):
+        create_datasets(str(root))
+    with pytest.raises(ValueError, match='unsupported --dataset'):
+        create_datasets(str(root), dataset='tfds/x')
+
+
+def test_unreadable_images_skipped_and_flagged(tmp_path):
+    root = _make_folder(tmp_path / 'd')
+    (root / 'train' / 'a' / '1.png').write_bytes(b'not a png at all')
+    good = (root / 'val' / 'b' / '0.png').read_bytes()
+    (root / 'val' / 'b' / '0.png').write_bytes(good[:len(good) // 2])      # truncated
+    data = create_datasets(str(root))
+    tf = create_transform(16)
+    data.train.transform, data.val.transform = tf, tf
+    samples = [data.train[i] for i in range(len(data.train))]
+    assert [s[2] for s in samples] == [0, 1, 0, 0, 0, 0]             # substituted by the next readable image
+    assert samples[1][1] == 0 and samples[1][0].shape == (3, 16, 16)
+    val = [data.val[i] for i in range(len(data.val))]
+    assert [s[2] for s in val] == [0, 0, 0, 1, 0, 0]                 # placeholder, flagged for evaluation to skip
+    assert val[3][0].shape == (3, 16, 16) and val[3][1] == -1
+
+
+def test_training_augmentations_seeded_per_sample(tmp_path):
+    root = _make_folder(tmp_path / 'd', size=40)
+    tf = create_transform(16, is_training=True)
+    ds = ImageFolderDataset(root / 'train', ['a', 'b'], transform=tf, is_training=True, seed=3)
+    first = ds[2][0]
+    torch.rand(100)                                                   # global RNG use elsewhere changes nothing
+    assert torch.equal(ds[2][0], first)
+    state = torch.get_rng_state()
+    ds[4]
+    assert torch.equal(torch.get_rng_state(), state)                  # loading leaves the global RNG alone
+    ds.set_epoch(1)
+    assert not torch.equal(ds[2][0], first)                           # a new epoch, new crops
+    in_workers = [x for x, _, _ in create_dataloader(ds, 3, is_training=False, workers=2)]
+    in_process = [x for x, _, _ in create_dataloader(ds, 3, is_training=False, workers=0)]
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_process))  # same crops whoever loads them
+
+
+def test_hf_dataset_from_disk_offline(tmp_path, monkeypatch):
+    datasets = pytest.importorskip('datasets')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    features = datasets.Features({'img': datasets.Image(), 'label': datasets.ClassLabel(names=['cat', 'dog'])})
+    splits = {}
+    for split, n in (('train', 4), ('validation', 3)):
+        images = [Image.new('L' if i % 2 else 'RGB', (20, 20), 30 * i) for i in range(n)]
+        splits[split] = datasets.Dataset.from_dict({'img': images, 'label': [i % 2 for i in range(n)]}, features)
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / 'pets_hf'))
+    data = create_datasets(str(tmp_path / 'cache'), dataset=f'hfds/{tmp_path / "pets_hf"}')
+    assert data.class_names == ['cat', 'dog']
+    assert (len(data.train), len(data.val)) == (4, 3)               # 'val' falls back to the 'validation' split
+    data.val.transform = create_transform(16)
+    img, target, unreadable = data.val[1]
+    assert img.shape == (3, 16, 16) and (target, unreadable) == (1, 0)
+
+
+def test_hf_dataset_local_parquet_folder_through_the_cache(tmp_path, monkeypatch):
+    datasets = pytest.importorskip('datasets')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    features = datasets.Features({'image': datasets.Image(), 'breed': datasets.ClassLabel(names=['a', 'b', 'c'])})
+    folder = tmp_path / 'pets_parquet'
+    folder.mkdir()
+    for split, n in (('train', 6), ('validation', 3)):
+        rows = {'image': [Image.new('RGB', (12, 12), (20 * i, 0, 0)) for i in range(n)],
+                'breed': [i % 3 for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features).to_parquet(str(folder / f'{split}.parquet'))
+    cache = tmp_path / 'hf_cache'
+    data = create_datasets(str(cache), dataset=f'hfds/{folder}')
+    assert data.class_names == ['a', 'b', 'c'] and (len(data.train), len(data.val)) == (6, 3)
+    assert any(cache.rglob('*.arrow'))                               # prepared into --data-dir, the datasets cache
+    data.train.transform = create_transform(8)
+    assert [data.train[i][1] for i in range(6)] == [0, 1, 2, 0, 1, 2]

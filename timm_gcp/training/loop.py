@@ -1,0 +1,105 @@
+"""One training epoch and one evaluation pass under accelerate."""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import TrainState
+from .metrics import topk_correct
+from .model import plain_model
+
+__all__ = ['TrainComponents', 'train_one_epoch', 'evaluate', 'predict']
+
+
+@dataclass
+class TrainComponents:
+    """What a training step needs; `ema`, `mixup`, `clip_grad` optional."""
+    accelerator: Any
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Callable
+    mixup: Optional[Callable] = None
+    ema: Optional[nn.Module] = None
+    clip_grad: Optional[float] = None
+    channels_last: bool = False
+
+
+def _inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState, total_batches: int,
+                    on_update: Callable[[], bool], progress: bool = True) -> None:
+    """Train over `loader` (the epoch's remaining batches), advancing `state` after every optimizer update.
+
+    `on_update()` runs after each update (checkpoints, logging); returning True stops the epoch early.
+    """
+    acc, model = parts.accelerator, parts.model
+    model.train()
+    loss_sum = torch.zeros((), device=acc.device)
+    bar = tqdm(total=total_batches, initial=state.batches_done, disable=not (progress and acc.is_main_process),
+               desc=f'epoch {state.epoch}', leave=False, dynamic_ncols=True)
+    batches = state.batches_done
+    for x, y, unreadable in loader:
+        x = _inputs(x, parts.channels_last)
+        if parts.mixup is not None:
+            x, y = parts.mixup(x, y)
+        with acc.accumulate(model):
+            loss = parts.loss_fn(model(x), y)
+            acc.backward(loss)
+            if acc.sync_gradients and parts.clip_grad:
+                acc.clip_grad_norm_(model.parameters(), parts.clip_grad)
+            parts.optimizer.step()
+            parts.optimizer.zero_grad()
+        batches += 1
+        loss_sum += loss.detach().float() * x.shape[0]
+        state.train_samples += x.shape[0]
+        state.unreadable_train += int(unreadable.sum())
+        bar.update()
+        if acc.sync_gradients:
+            state.updates += 1
+            state.batches_done = batches
+            state.train_loss_sum += float(loss_sum)
+            loss_sum.zero_()
+            parts.scheduler.step_update(num_updates=state.updates)
+            if parts.ema is not None:
+                parts.ema.update(plain_model(acc, model), step=state.updates)
+            if on_update():
+                break
+    bar.close()
+
+
+def predict(model: nn.Module, x: torch.Tensor, flip_test: bool) -> torch.Tensor:
+    """Logits, or with `flip_test` the mean of the logits of `x` and of its mirror image."""
+    logits = model(x).float()
+    if flip_test:
+        logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, loader: Iterable, flip_test: bool = False,
+             channels_last: bool = False, progress: bool = True) -> Dict[str, float]:
+    """Loss and top-1/top-5 (%) over every readable image of the validation set, each counted once across
+    processes (`gather_for_metrics` drops the padding of the last batches)."""
+    model.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, readable, unreadable
+    for x, y, unreadable in tqdm(loader, disable=not (progress and accelerator.is_main_process),
+                                 desc='eval', leave=False, dynamic_ncols=True):
+        with accelerator.autocast():
+            logits = predict(model, _inputs(x, channels_last), flip_test)
+        target = y.clamp_min(0)
+        loss = F.cross_entropy(logits, target, reduction='none')
+        hits = topk_correct(logits, target)
+        loss, hits, unreadable = accelerator.gather_for_metrics((loss, hits, unreadable))
+        readable = (unreadable == 0).double()
+        totals += torch.stack([(loss.double() * readable).sum(), (hits[:, 0].double() * readable).sum(),
+                               (hits[:, 1].double() * readable).sum(), readable.sum(), (1 - readable).sum()])
+    loss_sum, top1, top5, count, skipped = totals.tolist()
+    denom = max(count, 1.)
+    return {'val_loss': loss_sum / denom, 'top1': 100. * top1 / denom, 'top5': 100. * top5 / denom,
+            'val_images': int(count), 'unreadable_val': int(skipped)}

@@ -1,0 +1,74 @@
+"""Model, meta-layer switch and optimizer parameter groups for training any timm model."""
+from typing import Any, Dict, List, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+
+from ..meta_layers import list_meta_layers
+
+__all__ = ['create_train_model', 'check_meta_layer_switch', 'set_meta_layer', 'param_groups', 'plain_model']
+
+
+def _check_model_name(name: str) -> None:
+    if name.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(name):
+        return
+    arch = name.split('.')[0]
+    similar = timm.list_models(f'*{arch}*')[:10] or timm.list_models('gcp_*')
+    raise ValueError(f'Unknown model {name!r}; similar registered models: {", ".join(similar)}')
+
+
+def create_train_model(name: str, num_classes: int, pretrained: bool = False, model_kwargs: Optional[Dict] = None,
+                       drop_rate: Optional[float] = None, drop_path_rate: Optional[float] = None,
+                       initial_checkpoint: Optional[str] = None, backbone_weights: Optional[str] = None) -> nn.Module:
+    """`timm.create_model` with a clear error for unknown names, optional backbone initialisation."""
+    _check_model_name(name)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate,
+                              drop_path_rate=drop_path_rate, checkpoint_path=initial_checkpoint or None,
+                              **(model_kwargs or {}))
+    if backbone_weights:
+        from ..models import load_backbone_weights  # logs which keys stay freshly initialised
+        load_backbone_weights(model, backbone_weights)
+    return model
+
+
+def plain_model(accelerator: Any, model: nn.Module) -> nn.Module:
+    """The bare model under accelerate's wrappers (DDP, ...) and torch.compile, whatever the accelerate version."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, '_orig_mod', model)
+
+
+def check_meta_layer_switch(model: nn.Module, name: str) -> None:
+    """Raise before training if `model` cannot switch to meta-layer `name`."""
+    if not callable(getattr(model, 'set_meta_layer', None)):
+        raise ValueError(f'--switch-meta-layer needs a GCP model with set_meta_layer(); {type(model).__name__} '
+                         f'has none (use e.g. gcp_resnet50)')
+    if name not in list_meta_layers():
+        raise ValueError(f'--switch-meta-layer: unknown meta-layer {name!r}; known: {", ".join(list_meta_layers())}')
+
+
+def set_meta_layer(models: List[Optional[nn.Module]], name: str) -> None:
+    """Switch every given model (the trained one, its EMA copy) to meta-layer `name`."""
+    for model in models:
+        if model is not None:
+            model.set_meta_layer(name)
+
+
+def _is_no_decay(name: str, param: torch.Tensor, no_decay_names: set) -> bool:
+    return param.ndim <= 1 or name.endswith('.bias') or name in no_decay_names
+
+
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
+    """Parameter groups: no weight decay on biases and norms (timm's rule); the classifier's `lr_scale` is
+    `head_lr_mult` (timm schedulers multiply each group's lr by its `lr_scale`)."""
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    no_decay_names = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    groups: Dict[Tuple[bool, bool], Dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (id(param) in head_ids, _is_no_decay(name, param, no_decay_names))
+        group = groups.setdefault(key, {'params': [], 'weight_decay': 0. if key[1] else weight_decay,
+                                        'lr_scale': head_lr_mult if key[0] else 1.0})
+        group['params'].append(param)
+    return list(groups.values())
