@@ -1,0 +1,111 @@
+"""Meta-layer micro-benchmarks: forward and forward+backward of each meta-layer on the covariance of random features.
+
+The input is `covariance(randn(B, d, M))`, computed once outside the timed region: only the meta-layer is timed.
+"""
+import itertools
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from timm_gcp import covariance, create_meta_layer
+from timm_gcp.meta_layers.newton_schulz import newton_schulz_sqrt
+from timm_gcp.ops import eigh
+
+from timing import guarded, median_ms, ratio
+
+MatrixFn = Callable[[torch.Tensor], torch.Tensor]
+KEY_CONFIG = {'batch': 64, 'dim': 256, 'positions': 196}
+
+
+def is_exact(name: str) -> bool:
+    """Meta-layers whose forward is an exact eigendecomposition."""
+    return name == 'eig' or name.startswith('svd_')
+
+
+def random_covariance(batch: int, dim: int, positions: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return covariance(torch.randn(batch, dim, positions, device=device, dtype=dtype))
+
+
+def time_forward_backward(fn: MatrixFn, cov: torch.Tensor, warmup: int, reps: int,
+                          backward: bool = True) -> Dict[str, Optional[float]]:
+    """{'fwd_ms', 'fwd_bwd_ms'} of `fn` on `cov`; the backward gets a random (non-symmetric) output gradient."""
+    with torch.no_grad():
+        fwd = median_ms(lambda: fn(cov), cov.device, warmup, reps)
+    if not backward:
+        return {'fwd_ms': fwd, 'fwd_bwd_ms': None}
+    leaf = cov.detach().clone().requires_grad_()
+    grad = torch.randn_like(cov)
+
+    def step():
+        leaf.grad = None
+        fn(leaf).backward(grad)
+    return {'fwd_ms': fwd, 'fwd_bwd_ms': median_ms(step, cov.device, warmup, reps)}
+
+
+def _with_ratios(rows: List[Dict[str, object]], baseline: Dict[str, object]) -> List[Dict[str, object]]:
+    for row in rows:
+        for key in ('fwd_ms', 'fwd_bwd_ms'):
+            row[key.replace('_ms', '_vs_isqrt')] = ratio(row.get(key), baseline.get(key))
+    return rows
+
+
+def grid(names: Sequence[str], batches: Sequence[int], dims: Sequence[int], positions: Sequence[int],
+         device: torch.device, warmup: int, reps: int) -> List[Dict[str, object]]:
+    """Every meta-layer at every (B, d, M), with ratios to `isqrt` at the same (B, d, M)."""
+    layers = {name: create_meta_layer(name).to(device) for name in names}
+    rows = []
+    for batch, dim, num_positions in itertools.product(batches, dims, positions):
+        cov = random_covariance(batch, dim, num_positions, device)
+        config_rows = []
+        for name, layer in layers.items():
+            row = {'meta_layer': name, 'batch': batch, 'dim': dim, 'positions': num_positions}
+            row.update(guarded(lambda: time_forward_backward(layer, cov, warmup, reps)))
+            config_rows.append(row)
+        isqrt = next((r for r in config_rows if r['meta_layer'] == 'isqrt'), {})
+        rows += _with_ratios(config_rows, isqrt)
+    return rows
+
+
+def _eigh_with(backend: str, dtype: torch.dtype) -> MatrixFn:
+    return lambda a: eigh(a.to(dtype), backend)[1]
+
+
+def key_config_baselines(names: Sequence[str], device: torch.device, eigh_backends: Sequence[str],
+                         warmup: int, reps: int, batch: int, dim: int, positions: int) -> List[Dict[str, object]]:
+    """At one (B, d, M): the fused isqrt against the plain-autograd reference, `eig` on each eigh backend,
+    and the raw eigendecompositions (forward only), all as ratios to the fused isqrt."""
+    cov = random_covariance(batch, dim, positions, device)
+    variants: Dict[str, Callable[[], Dict[str, Optional[float]]]] = {
+        'isqrt (fused backward)': lambda: time_forward_backward(create_meta_layer('isqrt'), cov, warmup, reps),
+        'isqrt (plain autograd reference)': lambda: time_forward_backward(newton_schulz_sqrt, cov, warmup, reps),
+    }
+    for backend in eigh_backends:
+        if 'eig' in names:
+            variants[f'eig, eigh backend {backend}'] = (
+                lambda b=backend: time_forward_backward(create_meta_layer('eig', eigh_backend=b), cov, 1,
+                                                        3 if b == 'torch' else reps))
+        for dtype in (torch.float32, torch.float64):
+            label = f'eigh only, {backend}, {str(dtype).replace("torch.", "")}'
+            variants[label] = lambda b=backend, t=dtype: time_forward_backward(
+                _eigh_with(b, t), cov, 1, 3 if b == 'torch' else reps, backward=False)
+    return _measure_variants(variants, batch, dim, positions)
+
+
+def _measure_variants(variants: Dict[str, Callable[[], Dict[str, Optional[float]]]], batch: int, dim: int,
+                      positions: int) -> List[Dict[str, object]]:
+    rows = [{'variant': label, 'batch': batch, 'dim': dim, 'positions': positions, **guarded(measure)}
+            for label, measure in variants.items()]
+    return _with_ratios(rows, rows[0])
+
+
+def compiled_isqrt(device: torch.device, warmup: int, reps: int, batch: int, dim: int,
+                   positions: int) -> List[Dict[str, object]]:
+    """isqrt with `compile=True` (torch.compile, CUDA graphs) against the eager fused isqrt, same (B, d, M).
+    Compilation happens in the warm-up."""
+    cov = random_covariance(batch, dim, positions, device)
+    eager, compiled = create_meta_layer('isqrt'), create_meta_layer('isqrt', compile=True)
+    return _measure_variants({
+        'isqrt (fused backward)': lambda: time_forward_backward(eager, cov, warmup, reps),
+        'isqrt (compile=True, CUDA graphs)': lambda: time_forward_backward(compiled, cov, warmup + 3, reps),
+    }, batch, dim, positions)
