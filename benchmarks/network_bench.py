@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from timing import guarded, median_ms, peak_memory_mib, ratio, reset_peak_memory
 
+
 def measure_training(model_name: str, device: torch.device, batch: int, image_size: int, warmup: int, reps: int,
                      **model_kwargs) -> Dict[str, Optional[float]]:
     """{'img_per_s', 'step_ms', 'peak_mib'} of training steps of a freshly built model."""
@@ -29,9 +30,7 @@ def measure_training(model_name: str, device: torch.device, batch: int, image_si
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     step_ms = median_ms(step, device, warmup, reps, budget_s=10.0)
-    peak = peak_memory_mib(device)
-    del model, optimizer
-    return {'img_per_s': batch / step_ms * 1e3, 'step_ms': step_ms, 'peak_mib': peak}
+    return {'img_per_s': batch / step_ms * 1e3, 'step_ms': step_ms, 'peak_mib': peak_memory_mib(device)}
 
 
 def is_baseline_head(row: Dict[str, object], meta_layer: str) -> bool:
