@@ -405,3 +405,6 @@ def test_torch_compile(images):
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')  # one graph, no breaks
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-3, atol=1e-3)
+    model.train()  # training: forward and backward through the compiled head (the isqrt backward included)
+    compiled(images).logsumexp(dim=1).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.global_pool.parameters())

@@ -301,11 +301,16 @@ def test_default_run_uses_the_bundled_pets_sample(run_train, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchcompile_and_any_timm_model(run_train, flowers, tmp_path):
+@pytest.mark.parametrize('model_name, model_args, cls', [
+    ('resnet18', [], 'ResNet'),                                          # any timm model
+    ('gcp_resnet18', ['gcp_dim=8'], 'GcpResNet'),                        # the GCP head traced for training
+])
+def test_torchcompile(run_train, flowers, tmp_path, model_name, model_args, cls):
     out = tmp_path / 'run'
-    result = run_train(*TINY, '--data-dir', flowers, '--epochs', '1', '--output', out, '--model', 'resnet18',
-                       '--model-kwargs', '--torchcompile', 'eager', '--checkpoint-interval', '3', '--model-ema')
-    assert type(result['model']).__name__ == 'ResNet'                   # the EMA copy of the bare model
+    result = run_train(*TINY, '--data-dir', flowers, '--epochs', '1', '--output', out, '--model', model_name,
+                       '--model-kwargs', *model_args, '--torchcompile', 'eager', '--checkpoint-interval', '3',
+                       '--model-ema')
+    assert type(result['model']).__name__ == cls                        # the EMA copy of the bare model
     state = load_file(sorted((out / 'checkpoints').glob('checkpoint-*'))[-1] / 'model.safetensors')
     assert not any(key.startswith('_orig_mod') for key in state)        # checkpoints hold the plain module's keys
-    assert json.loads((out / 'model' / 'config.json').read_text())['architecture'] == 'resnet18'
+    assert json.loads((out / 'model' / 'config.json').read_text())['architecture'] == model_name

@@ -131,7 +131,9 @@ class ISqrt(MetaLayer):
     """iSQRT-COV Newton-Schulz square root; `num_iter=5` in ResNets, 3 in the GSoP-Net2 head.
 
     `compile=True` runs it through `compiled_newton_schulz_sqrt` (fastest on CUDA once compiled); the default is the
-    eager fused forward and hand-derived backward of `newton_schulz_sqrt_fast`.
+    eager fused forward and hand-derived backward of `newton_schulz_sqrt_fast`. Inside a model compiled with
+    torch.compile the reference recurrence is traced instead (the compiler fuses it; the hand-written backward
+    cannot be traced).
     """
 
     def __init__(self, num_iter: int = 5, compile: bool = False):
@@ -141,6 +143,8 @@ class ISqrt(MetaLayer):
         self.compile = compile
 
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inside a compiled model: let the compiler trace the plain recurrence
+            return newton_schulz_sqrt(cov, self.num_iter)
         if self.compile:
             return compiled_newton_schulz_sqrt()(cov, self.num_iter)
         return newton_schulz_sqrt_fast(cov, self.num_iter)
