@@ -12,7 +12,7 @@ from timm_gcp.meta_layers.pade import MPA_DENOMINATOR, MPA_NUMERATOR, sqrt_taylo
 from timm_gcp.meta_layers.spectral import (
     SvdPade, geometric_partial_sum, loewner_power, pade_geometric_coefficients, polyval, replace_non_finite,
 )
-eigh_module = importlib.import_module("timm_gcp.ops.eigh")  # the package attribute `eigh` is the function
+eigh_module = importlib.import_module("timm_gcp.ops.eigh_backends")
 
 ALL_METHODS = ['cov', 'eig', 'isqrt', 'mpa_lya', 'mtp_lya', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']
 EXACT_METHODS = ['eig', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']

@@ -1,7 +1,8 @@
 """Exact-eigendecomposition meta-layers: MPN-COV's matrix power (`eig`) and the ICCV'21 SVD family (`svd_*`).
 
 Every layer here shares one forward: Σ = V diag(λ) Vᵀ from the pluggable eigendecomposition backend
-(`timm_gcp.ops.eigh`), eigenvalues clamped from below, out = V diag(λ^α) Vᵀ. They differ only in the backward,
+(`timm_gcp.ops.eigh`, see `timm_gcp.ops.eigh_backends`), eigenvalues clamped from below, out = V diag(λ^α) Vᵀ.
+They differ only in the backward,
 which is always dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ for a symmetric matrix L of divided differences:
 
 - `eig` uses the exact L_ij = (λ_i^α − λ_j^α)/(λ_i − λ_j) (Daleckii–Krein / Loewner), evaluated without ever
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.covariance import symmetrize
-from ..ops.eigh import eigh
+from ..ops import eigh
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = [
