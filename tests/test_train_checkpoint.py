@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_gcp.training import Checkpointer, TrainState, check_compatible, find_checkpoint, read_train_state
+from timm_gcp.training import (
+    Checkpointer, TrainState, check_compatible, consolidate_counters, find_checkpoint, read_train_state)
 
 
 class OneProcess:
@@ -12,6 +13,9 @@ class OneProcess:
     is_main_process = True
     num_processes = 1
     device = torch.device('cpu')
+
+    def reduce(self, tensor, reduction):
+        return tensor
 
     def wait_for_everyone(self):
         pass
@@ -50,3 +54,26 @@ def test_incompatible_checkpoint_names_every_difference(tmp_path):
     with pytest.raises(ValueError, match=r"model: checkpoint 'gcp_resnet50', this run 'gcp_resnet18'; "
                                          r"num_classes: checkpoint 200, this run 37"):
         check_compatible(saved, {'model': 'gcp_resnet18', 'num_classes': 37, 'model_kwargs': {}}, tmp_path)
+
+
+class SecondOfTwo(OneProcess):
+    """Process 1 of 2, whose peer holds the same local counters."""
+    is_main_process = False
+    num_processes = 2
+
+    def reduce(self, tensor, reduction):
+        return tensor * 2
+
+
+def test_resumed_counters_are_counted_once_across_processes(tmp_path):
+    """The checkpoint holds the sum over all processes: on resume only the main process starts from it."""
+    Checkpointer(OneProcess(), tmp_path).save(TrainState(train_loss_sum=6., train_samples=12, unreadable_train=1))
+    checkpoint = find_checkpoint(str(tmp_path))
+    main = read_train_state(checkpoint, OneProcess())
+    other = read_train_state(checkpoint, SecondOfTwo())
+    assert (main.train_loss_sum, main.train_samples, main.unreadable_train) == (6., 12, 1)
+    assert (other.train_loss_sum, other.train_samples, other.unreadable_train) == (0., 0, 0)
+    assert read_train_state(checkpoint).train_samples == 12
+    other.train_samples = 4                                       # batches seen after the resume
+    consolidate_counters(SecondOfTwo(), other)
+    assert other.train_samples == 0                               # only the main process keeps the total

@@ -2,27 +2,19 @@
 import pytest
 import timm
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from PIL import Image
+from torchvision import transforms as T
 
 import timm_gcp  # noqa: F401
 from timm_gcp.training import (
-    DEFAULT_RECIPE, list_recipes, load_recipe, param_groups, parse_args, parse_meta_layer_switch)
-
-
-def _scheduler_for(args, updates_per_epoch=1):
-    """The scheduler train.py builds from `args` (same call), over a one-parameter SGD."""
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    sched, _ = create_scheduler_v2(
-        opt, args.sched, num_epochs=args.epochs - args.cooldown_epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
-    return opt, sched
+    DEFAULT_RECIPE, create_train_optimizer, create_train_scheduler, create_transforms, list_recipes, load_recipe,
+    param_groups, parse_args, parse_meta_layer_switch)
 
 
 def _lr_per_epoch(args):
-    opt, sched = _scheduler_for(args)
+    """The lr of each epoch under the scheduler train.py builds from `args`, over a one-parameter SGD."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched = create_train_scheduler(opt, args, updates_per_epoch=1)
     lrs = []
     for epoch in range(args.epochs):
         sched.step(epoch)
@@ -107,8 +99,31 @@ def test_param_groups_scale_classifier_lr_and_skip_decay_on_norms():
         assert group['lr_scale'] == (5.0 if is_head.pop() else 1.0)
         assert group['weight_decay'] == (0. if all(p.ndim <= 1 for p in group['params']) else 1e-4)
     assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
-    # the timm scheduler applies lr_scale: classifier at 5x the base lr
-    opt = create_optimizer_v2(groups, opt='sgd', lr=1.2e-3, weight_decay=1e-4, momentum=0.9)
-    create_scheduler_v2(opt, 'step', num_epochs=10, decay_epochs=10, decay_rate=1.0)
+    # the fine-grained recipe's optimizer and scheduler apply lr_scale: classifier at 5x the base lr
+    args = parse_args(['--recipe', 'finegrained_448'])
+    opt = create_train_optimizer(model, args)
+    create_train_scheduler(opt, args, updates_per_epoch=1)
     lrs = {g['lr_scale']: g['lr'] for g in opt.param_groups}
     assert lrs == pytest.approx({1.0: 1.2e-3, 5.0: 6e-3})
+    assert {g['weight_decay'] for g in opt.param_groups} == {0., 1e-4}
+
+
+def test_a_sched_without_timm_scheduler_is_refused():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="--sched 'none' gives no timm scheduler"):
+        create_train_scheduler(opt, parse_args(['--sched', 'none']), updates_per_epoch=1)
+
+
+def test_finegrained_transforms_are_resize_centre_crop():
+    """Training: Resize(448) + CenterCrop(448) (+ flip); test: the same centre crop (GCP_FACTS fine-grained)."""
+    args = parse_args(['--recipe', 'finegrained_448'])
+    assert args.hflip == 0.5 and args.color_jitter == 0
+    args.hflip = 0.                                               # compare the geometry without the random flip
+    model = timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=8)
+    train_tf, eval_tf, cfg = create_transforms(model, vars(args))
+    y, x = torch.meshgrid(torch.arange(500.), torch.arange(640.), indexing='ij')
+    img = Image.fromarray(torch.stack([x / 640 * 255, y / 500 * 255, (x + y) / 1140 * 255], -1).byte().numpy())
+    reference = T.Compose([T.Resize(448, interpolation=T.InterpolationMode(cfg['interpolation'])), T.CenterCrop(448),
+                           T.ToTensor(), T.Normalize(cfg['mean'], cfg['std'])])(img)
+    torch.testing.assert_close(eval_tf(img), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(train_tf(img), reference, rtol=0, atol=0.05)  # crop-then-resize: interpolation only

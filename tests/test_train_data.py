@@ -2,6 +2,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -90,6 +91,14 @@ def test_training_augmentations_seeded_per_sample(tmp_path):
     state = torch.get_rng_state()
     ds[4]
     assert torch.equal(torch.get_rng_state(), state)                  # loading leaves the global RNG alone
+    ds.transform = create_transform(16, is_training=True, auto_augment='rand-m9-n2-mstd0.5')  # draws from numpy
+    augmented = ds[2][0]
+    np.random.rand(100)
+    assert torch.equal(ds[2][0], augmented)
+    _, keys, position, *_ = np.random.get_state()
+    ds[4]
+    assert np.array_equal(np.random.get_state()[1], keys) and np.random.get_state()[2] == position  # numpy's too
+    ds.transform = tf
     ds.set_epoch(1)
     assert not torch.equal(ds[2][0], first)                           # a new epoch, new crops
     in_workers = [x for x, _, _ in create_dataloader(ds, 3, is_training=False, workers=2)]

@@ -38,20 +38,34 @@ class TrainState:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def reset_counters(self) -> None:
+        """Zero the running training counters (at an epoch's end, and on every process but the main one)."""
+        self.train_loss_sum, self.train_samples, self.unreadable_train = 0., 0, 0
+
 
 def consolidate_counters(accelerator: Any, state: TrainState) -> None:
     """Sum the per-process running counters of `state` into the main process (zero elsewhere)."""
     local = torch.tensor([state.train_loss_sum, state.train_samples, state.unreadable_train],
                          dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(local, 'sum') if accelerator.num_processes > 1 else local
-    loss_sum, samples, unreadable = total.tolist() if accelerator.is_main_process else (0., 0, 0)
+    if not accelerator.is_main_process:
+        state.reset_counters()
+        return
+    loss_sum, samples, unreadable = total.tolist()
     state.train_loss_sum, state.train_samples, state.unreadable_train = loss_sum, int(samples), int(unreadable)
 
 
-def read_train_state(checkpoint_dir: Path) -> TrainState:
-    """The TrainState stored in a checkpoint folder."""
+def read_train_state(checkpoint_dir: Path, accelerator: Optional[Any] = None) -> TrainState:
+    """The TrainState stored in a checkpoint folder.
+
+    The stored counters are the sum over all processes: given `accelerator`, only its main process keeps them, so
+    that the next `consolidate_counters` counts them once.
+    """
     with open(Path(checkpoint_dir) / STATE_FILE) as f:
-        return TrainState(**json.load(f))
+        state = TrainState(**json.load(f))
+    if accelerator is not None and not accelerator.is_main_process:
+        state.reset_counters()
+    return state
 
 
 def _sort_key(path: Path):
@@ -135,3 +149,10 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def received_anywhere(self, accelerator: Any) -> bool:
+        """Whether any process got a signal (a collective: every process must call it)."""
+        flag = self.received is not None
+        if accelerator.num_processes == 1:
+            return flag
+        return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), 'sum') > 0)

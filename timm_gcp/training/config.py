@@ -4,6 +4,7 @@ Precedence, lowest first: flag defaults < `--recipe NAME` < `-c/--config FILE` <
 YAML file are flag names (`batch_size` or `batch-size`); relative paths in it resolve against the file's folder.
 """
 import argparse
+import itertools
 import re
 import shlex
 import sys
@@ -14,7 +15,8 @@ import yaml
 from timm.utils import ParseKwargs
 
 __all__ = ['RECIPE_DIR', 'DEFAULT_RECIPE', 'build_parser', 'parse_args', 'list_recipes', 'load_recipe',
-           'parse_meta_layer_switch', 'command_line']
+           'parse_meta_layer_switch', 'command_line', 'resolve_run_dir', 'effective_flags', 'scalar_flags',
+           'dataset_name']
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / 'recipes'
 DEFAULT_RECIPE = 'pets_mini'
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', action='store_true', help='timm-style alias for --mixed-precision from --amp-dtype')
     g.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default='float16')
     g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--output', default=None, help='run directory (default runs/<time>-<model>)')
+    g.add_argument('--output', default=None,
+                   help='run directory (default: the resumed run\'s, else the first free runs/<recipe>-<model>[-N])')
     g.add_argument('--resume', default=None, help='run directory or checkpoint to continue exactly')
     g.add_argument('--checkpoint-interval', type=int, default=0,
                    help='also checkpoint every N optimizer updates (0: at epoch ends only)')
@@ -184,3 +187,42 @@ def parse_meta_layer_switch(spec: Optional[str]) -> Optional[Tuple[str, int]]:
 def command_line(argv: Optional[Sequence[str]]) -> str:
     """The command that reproduces this run."""
     return shlex.join(['python', 'train.py', *(sys.argv[1:] if argv is None else argv)])
+
+
+
+def resolve_run_dir(args: argparse.Namespace, checkpoint: Optional[Path]) -> Path:
+    """--output, else the resumed run's folder, else the first free runs/<recipe>-<model>[-N].
+
+    Chosen before any process creates a folder, so every process picks the same one.
+    """
+    if args.output:
+        run_dir = Path(args.output)
+    elif checkpoint is not None:
+        run_dir = checkpoint.parent.parent
+    else:
+        base = Path('runs') / f'{Path(args.recipe).stem}-{args.model}'.replace('/', '_').replace(':', '_')
+        run_dir = next(p for p in (base.with_name(f'{base.name}-{n}') if n > 1 else base for n in itertools.count(1))
+                       if not p.exists())
+    if checkpoint is None and any((run_dir / 'checkpoints').glob('checkpoint-*')):
+        raise FileExistsError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose '
+                              f'another --output')
+    return run_dir
+
+
+def effective_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flags that were set: `-c` with them as a YAML file (paths made absolute) reproduces the run."""
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ('config', 'resume')}
+    for key in ('data_dir', 'initial_checkpoint'):
+        if flags.get(key) and Path(flags[key]).exists():
+            flags[key] = str(Path(flags[key]).resolve())
+    return flags
+
+
+def scalar_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flags with a scalar value (what trackers such as TensorBoard record as hyper-parameters)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+
+
+def dataset_name(args: argparse.Namespace) -> str:
+    """The dataset as a model card names it: the HF dataset id, or the image folder's name."""
+    return args.dataset[len('hfds/'):] if args.dataset.startswith('hfds/') else Path(args.data_dir).resolve().name

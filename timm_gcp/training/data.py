@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -47,15 +48,17 @@ def _open_rgb(source: Any) -> Image.Image:
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Run the body with python's and torch's global RNGs seeded, then put both back."""
-    python_state = random.getstate()
+    """Run the body with python's, numpy's (timm's RandAugment) and torch's global RNGs seeded, then put all back."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
         try:
             yield
         finally:
             random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class _ImageDataset(Dataset):

@@ -1,17 +1,20 @@
 """One training epoch and one evaluation pass under accelerate."""
+from argparse import Namespace
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..metrics import predict, topk_correct
 from .checkpoint import TrainState
-from .metrics import topk_correct
 from .model import plain_model
 
-__all__ = ['TrainComponents', 'train_one_epoch', 'evaluate', 'predict']
+__all__ = ['TrainComponents', 'create_loss', 'train_one_epoch', 'evaluate', 'base_lr']
 
 
 @dataclass
@@ -26,6 +29,18 @@ class TrainComponents:
     ema: Optional[nn.Module] = None
     clip_grad: Optional[float] = None
     channels_last: bool = False
+
+
+def create_loss(args: Namespace, num_classes: int) -> Tuple[Callable, Optional[Mixup]]:
+    """The training loss and, with --mixup/--cutmix, timm's Mixup (soft targets, smoothing applied there)."""
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()), None
+    if args.batch_size % 2:
+        raise ValueError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                  switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                  num_classes=num_classes)
+    return SoftTargetCrossEntropy(), mixup
 
 
 def _inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -73,14 +88,6 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
     bar.close()
 
 
-def predict(model: nn.Module, x: torch.Tensor, flip_test: bool) -> torch.Tensor:
-    """Logits, or with `flip_test` the mean of the logits of `x` and of its mirror image."""
-    logits = model(x).float()
-    if flip_test:
-        logits = (logits + model(x.flip(3)).float()) / 2
-    return logits
-
-
 @torch.no_grad()
 def evaluate(accelerator: Any, model: nn.Module, loader: Iterable, flip_test: bool = False,
              channels_last: bool = False, progress: bool = True) -> Dict[str, float]:
@@ -103,3 +110,9 @@ def evaluate(accelerator: Any, model: nn.Module, loader: Iterable, flip_test: bo
     denom = max(count, 1.)
     return {'val_loss': loss_sum / denom, 'top1': 100. * top1 / denom, 'top5': 100. * top5 / denom,
             'val_images': int(count), 'unreadable_val': int(skipped)}
+
+
+def base_lr(optimizer: Any) -> float:
+    """The scheduled learning rate (of the first parameter group, its `lr_scale` taken out)."""
+    group = optimizer.param_groups[0]
+    return group['lr'] / group.get('lr_scale', 1.0)

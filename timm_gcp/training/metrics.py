@@ -1,19 +1,13 @@
-"""Top-k accuracy and the run's metrics file (per-epoch history, final and best epochs)."""
+"""The run's metrics file (per-epoch history, final and best epochs) and the model card's metrics."""
 import json
 import os
+from argparse import Namespace
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
-import torch
+from .plots import plot_curves
 
-__all__ = ['topk_correct', 'summarize', 'write_json']
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """(B, C) logits, (B,) targets -> (B, len(ks)) float flags: target among the top k (k capped at C)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top == target[:, None]
-    return torch.stack([hits[:, :k].any(dim=1) for k in ks], dim=1).float()
+__all__ = ['summarize', 'write_json', 'write_run_metrics', 'card_metrics']
 
 
 def summarize(history: List[Dict[str, Any]], metric: str = 'top1') -> Dict[str, Dict[str, Any]]:
@@ -31,3 +25,24 @@ def write_json(data: Dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def write_run_metrics(accelerator: Any, run_dir: Path, args: Namespace, command: str, data: Any,
+                      history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The run's metrics; the main process writes them to `run_dir/metrics.json` and plots `run_dir/curves.png`."""
+    metrics = {'model': args.model, 'recipe': args.recipe, 'command': command,
+               'dataset': args.dataset or str(args.data_dir), 'num_classes': len(data.class_names),
+               'train_images': len(data.train), 'val_images': len(data.val),
+               **summarize(history), 'history': history}
+    if accelerator.is_main_process:
+        write_json(metrics, Path(run_dir) / 'metrics.json')
+        if history:
+            plot_curves(history, Path(run_dir) / 'curves.png')
+    return metrics
+
+
+def card_metrics(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """The final and best results as the model card reports them."""
+    final, best = metrics['final'], metrics['best']
+    return {'top1': final['top1'], 'top5': final['top5'], 'epochs': final['epoch'] + 1,
+            'best_top1': best['top1'], 'best_top5': best['top5'], 'best_epoch': best['epoch']}
