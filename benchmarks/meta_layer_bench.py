@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from timm_gcp import covariance, create_meta_layer
-from timm_gcp.meta_layers.newton_schulz import newton_schulz_sqrt
+from timm_gcp.meta_layers import SpectralPower, newton_schulz_sqrt
 from timm_gcp.ops import eigh
 
 from timing import guarded, median_ms, ratio
@@ -18,8 +18,8 @@ KEY_CONFIG = {'batch': 64, 'dim': 256, 'positions': 196}
 
 
 def is_exact(name: str) -> bool:
-    """Meta-layers whose forward is an exact eigendecomposition."""
-    return name == 'eig' or name.startswith('svd_')
+    """Meta-layers whose forward is an exact eigendecomposition (the `SpectralPower` family)."""
+    return isinstance(create_meta_layer(name), SpectralPower)
 
 
 def random_covariance(batch: int, dim: int, positions: int, device: torch.device,
@@ -81,14 +81,15 @@ def key_config_baselines(names: Sequence[str], device: torch.device, eigh_backen
         'isqrt (plain autograd reference)': lambda: time_forward_backward(newton_schulz_sqrt, cov, warmup, reps),
     }
     for backend in eigh_backends:
+        backend_reps = 3 if backend == 'torch' else reps  # torch.linalg.eigh takes ~0.4 s per call on CUDA
         if 'eig' in names:
             variants[f'eig, eigh backend {backend}'] = (
-                lambda b=backend: time_forward_backward(create_meta_layer('eig', eigh_backend=b), cov, 1,
-                                                        3 if b == 'torch' else reps))
+                lambda b=backend, n=backend_reps: time_forward_backward(create_meta_layer('eig', eigh_backend=b), cov,
+                                                                        1, n))
         for dtype in (torch.float32, torch.float64):
             label = f'eigh only, {backend}, {str(dtype).replace("torch.", "")}'
-            variants[label] = lambda b=backend, t=dtype: time_forward_backward(
-                _eigh_with(b, t), cov, 1, 3 if b == 'torch' else reps, backward=False)
+            variants[label] = lambda b=backend, t=dtype, n=backend_reps: time_forward_backward(
+                _eigh_with(b, t), cov, 1, n, backward=False)
     return _measure_variants(variants, batch, dim, positions)
 
 

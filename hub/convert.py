@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     if args.label_names:
         with open(args.label_names) as f:
             label_names = [line.strip() for line in f if line.strip()]
-    command = 'python hub/convert.py ' + ' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = 'python hub/convert.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         out, model = convert_checkpoint(args.src, args.model, args.output, source=args.source,
                                         meta_layer=args.meta_layer, layer4_stride=args.layer4_stride,

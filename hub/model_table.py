@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from timm_gcp.hub.catalogue import load_catalogue, render_table
+from timm_gcp.hub.catalogue import load_catalogue, render_table, replace_table
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = '<!-- model-table -->\n', '<!-- /model-table -->'
 
 
 def main(argv=None) -> int:
@@ -23,12 +22,11 @@ def main(argv=None) -> int:
         print(table, end='')
         return 0
     readme = Path(args.readme)
-    text = readme.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        print(f'{readme} needs exactly one {BEGIN.strip()} ... {END} block', file=sys.stderr)
+    try:
+        readme.write_text(replace_table(readme.read_text(), table))
+    except ValueError as e:
+        print(f'{readme}: {e}', file=sys.stderr)
         return 1
-    head, rest = text.split(BEGIN)
-    readme.write_text(head + BEGIN + table + END + rest.split(END, 1)[1])
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from timm_gcp.hub.catalogue import load_catalogue, recorded_sha256
+from timm_gcp.hub.push import redact_token
 from timm_gcp.hub.verify import verify_repo
 
 CATALOGUE = Path(__file__).resolve().parent / 'catalogue.yaml'
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         report = verify_repo(args.repo_id, revision=args.revision, data_dir=args.data_dir, tolerance=args.tolerance,
                              batch_size=args.batch_size, hflip_average=args.hflip_average, expected_sha256=expected)
     except Exception as e:
-        print(f'verify failed: {type(e).__name__}: {e}', file=sys.stderr)
+        print(redact_token(f'verify failed: {type(e).__name__}: {e}'), file=sys.stderr)
         return 1
     print(f'{report.repo_id}@{report.commit}: checksums match the push manifest and the Hub object ids')
     for name, sha in sorted(report.sha256.items()):

@@ -2,7 +2,8 @@
 
 In-memory git-like storage (commits, branches); files are always answered as `regular` uploads so the client never
 switches to Xet. Commits are applied atomically after the whole request body parsed. Fault injection:
-`fail_next_commits` (503 on the next N commit requests) and `fail_paths` (500 on any commit touching those paths).
+`fail_next_commits` (503 on the next N commit requests), `fail_paths` (500 on any commit touching those paths) and
+`corrupt_downloads` (those paths are served with their last byte flipped, while tree and ETag report the stored bytes).
 """
 import base64
 import hashlib
@@ -52,6 +53,7 @@ class HubServer:
         self.repos: Dict[Tuple[str, str], Repo] = {}
         self.fail_next_commits = 0
         self.fail_paths: Set[str] = set()
+        self.corrupt_downloads: Set[str] = set()
         self.commit_requests = 0
         self.requests: List[Tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -287,6 +289,8 @@ def _make_handler(hub: HubServer):
                 return self._error(404, 'EntryNotFound', 'entry not found', head=head)
             headers = {'X-Repo-Commit': sha, 'ETag': f'"{git_blob_sha1(data)}"',
                        'Content-Type': 'application/octet-stream', 'Accept-Ranges': 'bytes'}
+            if unquote(m['path']) in hub.corrupt_downloads:
+                data = data[:-1] + bytes([data[-1] ^ 1])
             rng = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range') or '')
             if rng and not head:
                 start, end = int(rng[1]), int(rng[2]) if rng[2] else len(data) - 1

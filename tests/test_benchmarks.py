@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark suite on the CPU: it runs end to end and writes JSON, Markdown and a PNG chart."""
+"""The benchmark suite: a quick CPU run end to end (JSON, Markdown, PNG; ratios against the run's own baselines) and
+the judging of the issue's targets."""
 import json
 import subprocess
 import sys
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-RUN = Path(__file__).resolve().parents[1] / 'benchmarks' / 'run.py'
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+RUN = BENCHMARKS / 'run.py'
 
 
 @pytest.mark.slow
@@ -15,18 +17,63 @@ def test_quick_cpu_suite_writes_results(tmp_path):
                     '--output', str(tmp_path)], check=True, timeout=600)
     result = json.loads((tmp_path / 'results.json').read_text())
     key = {r['variant']: r for r in result['key_config']}
-    assert key['isqrt (fused backward)']['fwd_bwd_vs_isqrt'] == 1.0
-    assert key['isqrt (plain autograd reference)']['fwd_bwd_ms'] > 0
+    fused, plain = key['isqrt (fused backward)'], key['isqrt (plain autograd reference)']
+    assert fused['fwd_bwd_vs_isqrt'] == 1.0
+    assert plain['fwd_bwd_vs_isqrt'] == pytest.approx(plain['fwd_bwd_ms'] / fused['fwd_bwd_ms'])
     assert [r['meta_layer'] for r in result['grid']] == ['isqrt'] and result['grid'][0]['fwd_bwd_ms'] > 0
     network = {r['model']: r for r in result['network']['rows']}
     assert set(network) == {'resnet18', 'gcp_resnet18'}
-    assert network['resnet18']['throughput_vs_gap'] == 1.0 and network['gcp_resnet18']['img_per_s'] > 0
+    gap, gcp = network['resnet18'], network['gcp_resnet18']
+    assert gap['throughput_vs_gap'] == 1.0 and gcp['throughput_vs_isqrt'] == 1.0
+    assert gcp['throughput_vs_gap'] == pytest.approx(gcp['img_per_s'] / gap['img_per_s'])
     assert {t['target'] for t in result['targets']} >= {'gcp_resnet18 (iSQRT) >= 0.80x resnet18 GAP img/s'}
     assert '## Targets' in (tmp_path / 'results.md').read_text()
     assert (tmp_path / 'results.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_targets_are_judged_from_in_run_ratios(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import report
+
+    def result(key_batch: int) -> dict:
+        return {'settings': {'arch': 'resnet50'},
+                'key_config': [{'variant': 'isqrt (fused backward)', 'batch': key_batch, 'dim': 256, 'positions': 196,
+                                'fwd_bwd_ms': 1.9}],
+                'network': {'rows': [
+                    {'model': 'resnet50', 'meta_layer': None, 'options': '', 'throughput_vs_gap': 1.0},
+                    {'model': 'gcp_resnet50', 'meta_layer': 'isqrt', 'options': '', 'throughput_vs_gap': 0.79,
+                     'memory_vs_gap': 1.2, 'throughput_vs_isqrt': 1.0},
+                    {'model': 'gcp_resnet50', 'meta_layer': 'eig', 'options': '', 'throughput_vs_isqrt': 0.97},
+                    {'model': 'gcp_resnet50', 'meta_layer': 'eig', 'options': 'eigh_backend=torch',
+                     'throughput_vs_isqrt': 0.05}]}}
+
+    eager = 'isqrt fwd+bwd at B=64, d=256, M=196 <= 2.0 ms (eager, default)'
+    judged = {t['target']: t['met'] for t in report.targets(result(key_batch=64))}
+    assert judged == {  # only default-option exact heads are judged; what this run did not measure is None
+        'gcp_resnet50 training with eig >= 0.95x the iSQRT head': True,
+        eager: True,
+        'isqrt fwd+bwd at B=64, d=256, M=196 <= 2.0 ms (compile=True)': None,
+        'gcp_resnet50 (iSQRT) >= 0.80x resnet50 GAP img/s': False,
+        'gcp_resnet50 (iSQRT) peak memory <= 1.3x GAP': True,
+    }
+    other_size = {t['target']: t['met'] for t in report.targets(result(key_batch=32))}
+    assert other_size[eager] is None  # a time at another (B, d, M) says nothing about this target
 
 
 def test_rejects_unknown_meta_layer(tmp_path):
     done = subprocess.run([sys.executable, str(RUN), '--device', 'cpu', '--meta-layers', 'nope', '--output',
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown meta-layers ['nope']" in done.stderr
+
+
+@pytest.mark.slow
+def test_interleaved_network_rounds(tmp_path):
+    out = tmp_path / 'network_repeat.json'
+    subprocess.run([sys.executable, str(BENCHMARKS / 'network_rounds.py'), '--device', 'cpu', '--arch', 'resnet18',
+                    '--meta-layers', 'isqrt,cov', '--rounds', '2', '--batch', '2', '--image-size', '64',
+                    '--warmup', '1', '--reps', '1', '--output', str(out)], check=True, timeout=600)
+    rows = json.loads(out.read_text())
+    assert [(r['round'], r['model'], r.get('meta_layer')) for r in rows] == [
+        (i, m, l) for i in range(2) for m, l in
+        [('resnet18', None), ('gcp_resnet18', 'isqrt'), ('gcp_resnet18', 'cov')]]
+    assert all(r['img_per_s'] > 0 for r in rows)

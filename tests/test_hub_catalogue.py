@@ -1,5 +1,6 @@
 """hub/catalogue.yaml agrees with the tags timm_gcp registers, with convert's sources, and with the README table."""
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import timm
 from timm.models import get_pretrained_cfg
 
 import timm_gcp  # noqa: F401  registers the GCP models
-from timm_gcp.hub.catalogue import load_catalogue, recorded_sha256, render_table
+from timm_gcp.hub.catalogue import load_catalogue, recorded_sha256, render_table, replace_table
 from timm_gcp.hub.convert import SOURCES
 from timm_gcp.models import HUB_ORG, PRETRAINED_TAGS
 
@@ -45,8 +46,19 @@ def test_converted_entries_match_convert(entry):
 
 def test_readme_table_is_generated_from_the_catalogue():
     readme = (ROOT / 'README.md').read_text()
-    table = readme.split('<!-- model-table -->\n')[1].split('<!-- /model-table -->')[0]
-    assert table == render_table(CATALOGUE), 'run: python hub/model_table.py --write'
+    assert replace_table(readme, render_table(CATALOGUE)) == readme, 'run: python hub/model_table.py --write'
+
+
+def test_model_table_cli_rewrites_only_the_table(tmp_path):
+    main = runpy.run_path(str(ROOT / 'hub' / 'model_table.py'))['main']
+    readme = tmp_path / 'README.md'
+    readme.write_text('intro\n<!-- model-table -->\n| stale |\n<!-- /model-table -->\noutro\n')
+    assert main(['--readme', str(readme), '--write']) == 0
+    assert readme.read_text() == ('intro\n<!-- model-table -->\n' + render_table(CATALOGUE) +
+                                  '<!-- /model-table -->\noutro\n')
+    for broken in ('no markers\n', '<!-- /model-table -->\n<!-- model-table -->\n'):
+        readme.write_text(broken)
+        assert main(['--readme', str(readme), '--write']) == 1 and readme.read_text() == broken
 
 
 @pytest.mark.parametrize('change, message', [

@@ -131,8 +131,9 @@ def test_mpncovresnet50_every_tensor_and_logits(mpncov_r50, tmp_path):
     assert (model.layer4_stride, model.meta_layer_name) == (1, 'isqrt')
 
     net = _torchvision_resnet50(layer4_stride=1)
-    net.load_state_dict({k: v for k, v in _under(sd, '').items() if not k.startswith(('layer_reduce', 'fc.'))},
-                        strict=False)
+    backbone = {k: v for k, v in _under(sd, '').items() if not k.startswith(('layer_reduce', 'fc.'))}
+    missing, unexpected = net.load_state_dict(backbone, strict=False)  # torchvision's GAP classifier stays unused
+    assert (sorted(missing), unexpected) == (['fc.bias', 'fc.weight'], [])
     _check_logits(model, lambda x: _official_logits(
         x, _features(net), sd['layer_reduce.weight'].double(), _under(sd, 'layer_reduce_bn.'),
         sd['fc.weight'].double(), sd['fc.bias'].double(), _newton_schulz_sqrt))

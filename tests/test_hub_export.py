@@ -1,5 +1,7 @@
 """export_model and the model card: files, config, atomic replacement, YAML metadata, citations."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -75,6 +77,23 @@ def test_export_replaces_atomically(gcp_model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='disk full'):
         export_model(gcp_model, out, label_names=['a', 'b', 'c'], metrics={'top1': 2.0})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export is intact
+    assert [p.name for p in tmp_path.iterdir()] == ['model']
+
+
+def test_export_keeps_the_old_export_when_the_final_rename_fails(gcp_model, tmp_path, monkeypatch):
+    out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics={'top1': 1.0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = os.replace
+
+    def failing_rename(src, dst):
+        if Path(src).name.startswith('.model.tmp-'):
+            raise OSError('rename failed')
+        rename(src, dst)
+
+    monkeypatch.setattr(export_module.os, 'replace', failing_rename)
+    with pytest.raises(OSError, match='rename failed'):
+        export_model(gcp_model, out, label_names=['a', 'b', 'c'], metrics={'top1': 2.0})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['model']
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
-from timm_gcp.hub.push import push_model, with_retries
+from timm_gcp.hub.push import push_model, redact_token, with_retries
 from timm_gcp.hub.verify import VerificationError, verify_repo
 from hub_server import HubServer, serve_patched
 
@@ -130,6 +130,11 @@ def test_with_retries_only_retries_transient_errors():
     assert len(calls) == 1
 
 
+def test_redact_token_masks_the_active_token(monkeypatch):
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    assert redact_token(f'401 for Authorization: Bearer {TOKEN}') == '401 for Authorization: Bearer ***'
+
+
 def test_failed_upload_leaves_repo_unchanged(hub, model, exported):
     push_model(exported, 'org/atomic', retry_delay=0.01)
     before, history = hub.files('org/atomic'), hub.history('org/atomic')
@@ -207,10 +212,25 @@ def test_verify_detects_tampering(hub, exported):
     repo.commit('main', {**files, 'extra.bin': b'x'}, 'add a file outside the manifest')
     with pytest.raises(VerificationError, match=r"does not cover: \['extra.bin'\]"):
         verify_repo('org/tampered')
+    repo.commit('main', {**files, 'timm_gcp_manifest.json': b'{}'}, 'a manifest that is none')
+    with pytest.raises(VerificationError, match='is not a timm-gcp manifest'):
+        verify_repo('org/tampered')
     del files['timm_gcp_manifest.json']
     repo.commit('main', files, 'no manifest')
     with pytest.raises(VerificationError, match='not published with hub/push.py'):
         verify_repo('org/tampered')
+
+
+def test_verify_checks_every_download_against_the_hub(hub, exported):
+    """Bytes that differ in transit from what the Hub stores: a data file fails its manifest sha256, the manifest
+    itself its Hub object id (flipping its last byte keeps it valid JSON, so nothing else would notice)."""
+    push_model(exported, 'org/transit', retry_delay=0.01)
+    hub.corrupt_downloads = {'config.json'}
+    with pytest.raises(VerificationError, match='config.json: downloaded sha256'):
+        verify_repo('org/transit')
+    hub.corrupt_downloads = {'timm_gcp_manifest.json'}
+    with pytest.raises(VerificationError, match='timm_gcp_manifest.json: Hub git oid'):
+        verify_repo('org/transit')
 
 
 def test_cli_push_and_verify_never_print_the_token(exported, tmp_path, image_folder):

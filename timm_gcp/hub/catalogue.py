@@ -5,9 +5,10 @@ from typing import Dict, List, Optional, Union
 
 import yaml
 
-__all__ = ['CatalogueEntry', 'load_catalogue', 'recorded_sha256', 'render_table', 'STATUSES']
+__all__ = ['CatalogueEntry', 'load_catalogue', 'recorded_sha256', 'render_table', 'replace_table', 'STATUSES']
 
 STATUSES = ('published', 'converted', 'planned')
+TABLE_BEGIN, TABLE_END = '<!-- model-table -->\n', '<!-- /model-table -->'
 _FIELDS = ('arch', 'tag', 'meta_layer', 'dataset', 'resolution', 'num_classes', 'recipe', 'hub_id', 'status')
 
 
@@ -84,3 +85,11 @@ def render_table(entries: List[CatalogueEntry]) -> str:
         lines.append(f'| `{e.name}` | {e.meta_layer} | {e.dataset} | {e.resolution} | {_accuracy(e)} | {paper} | '
                      f'{e.status} | `{e.hub_id}` |')
     return '\n'.join(lines) + '\n'
+
+
+def replace_table(text: str, table: str) -> str:
+    """`text` (a README) with its one `<!-- model-table -->` ... `<!-- /model-table -->` block holding `table`."""
+    if text.count(TABLE_BEGIN) != 1 or text.count(TABLE_END) != 1 or text.index(TABLE_BEGIN) > text.index(TABLE_END):
+        raise ValueError(f'expected exactly one {TABLE_BEGIN.strip()} ... {TABLE_END} block')
+    head, rest = text.split(TABLE_BEGIN)
+    return head + TABLE_BEGIN + table + TABLE_END + rest.split(TABLE_END)[1]

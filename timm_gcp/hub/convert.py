@@ -59,6 +59,7 @@ def load_official_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, torch.T
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'mpncovresnet' or 'newmodel' (see the module docstring) from the keys of an unwrapped state dict."""
     if 'layer_reduce.weight' in state_dict:
         return 'mpncovresnet'
     if 'representation.conv_dr_block.0.weight' in state_dict:

@@ -6,6 +6,8 @@ import torch
 from timm.data import ImageDataset, create_transform, resolve_model_data_config
 from torch import nn
 
+from ..metrics import predict, topk_correct
+
 __all__ = ['evaluate_folder', 'find_split_dir']
 
 
@@ -43,13 +45,6 @@ def evaluate_folder(
         raise ValueError(f'no images under {root}')
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval()
-    k = min(5, model.num_classes)
-    correct1 = correct5 = 0
-    for images, targets in loader:
-        logits = model(images)
-        if hflip_average:
-            logits = (logits + model(images.flip(-1))) / 2
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
-    return {'top1': 100.0 * correct1 / len(dataset), 'top5': 100.0 * correct5 / len(dataset), 'count': len(dataset)}
+    hits = torch.cat([topk_correct(predict(model, images, hflip_average), targets) for images, targets in loader])
+    top1, top5 = (100.0 * hits.mean(dim=0)).tolist()
+    return {'top1': top1, 'top5': top5, 'count': len(dataset)}

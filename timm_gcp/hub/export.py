@@ -66,7 +66,12 @@ def _replace_dir(staged: Path, output_dir: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.old-'))
     os.replace(output_dir, old / output_dir.name)
-    os.replace(staged, output_dir)
+    try:
+        os.replace(staged, output_dir)
+    except BaseException:
+        os.replace(old / output_dir.name, output_dir)  # the earlier export goes back
+        old.rmdir()
+        raise
     shutil.rmtree(old)
 
 

@@ -36,10 +36,23 @@ class VerifyReport:
     card: Dict[str, float] = field(default_factory=dict)
 
 
+def _check_object_id(name: str, path: Path, sha: str, entry: RepoFile) -> None:
+    """The downloaded file against the Hub's own id of it: the LFS sha256, or the git blob id of a small file."""
+    if entry.lfs is not None:
+        if entry.lfs.sha256 != sha:
+            raise VerificationError(f'{name}: Hub LFS sha256 {entry.lfs.sha256} != downloaded {sha}')
+    elif entry.blob_id != git_blob_oid(path.read_bytes()):
+        raise VerificationError(f'{name}: Hub git oid {entry.blob_id} does not match the downloaded bytes')
+
+
 def _check_checksums(local: Path, tree: Dict[str, RepoFile]) -> Dict[str, str]:
     if not (local / MANIFEST_NAME).is_file():
         raise VerificationError(f'no {MANIFEST_NAME} in the repo: it was not published with hub/push.py')
-    manifest = parse_manifest(local / MANIFEST_NAME)
+    _check_object_id(MANIFEST_NAME, local / MANIFEST_NAME, file_digest(local / MANIFEST_NAME)[0], tree[MANIFEST_NAME])
+    try:
+        manifest = parse_manifest(local / MANIFEST_NAME)
+    except ValueError as e:
+        raise VerificationError(str(e)) from e
     missing = [name for name in EXPORT_FILES if name not in manifest]
     if missing:
         raise VerificationError(f'manifest does not cover {missing}')
@@ -53,12 +66,7 @@ def _check_checksums(local: Path, tree: Dict[str, RepoFile]) -> Dict[str, str]:
         if (sha, size) != (expected['sha256'], expected['size']):
             raise VerificationError(f"{name}: downloaded sha256 {sha} ({size} B) != pushed {expected['sha256']} "
                                     f"({expected['size']} B)")
-        entry = tree[name]
-        if entry.lfs is not None:
-            if entry.lfs.sha256 != sha:
-                raise VerificationError(f'{name}: Hub LFS sha256 {entry.lfs.sha256} != downloaded {sha}')
-        elif entry.blob_id != git_blob_oid((local / name).read_bytes()):
-            raise VerificationError(f'{name}: Hub git oid {entry.blob_id} does not match the downloaded bytes')
+        _check_object_id(name, local / name, sha, tree[name])
     return {name: entry['sha256'] for name, entry in manifest.items()}
 
 
