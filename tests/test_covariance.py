@@ -67,6 +67,15 @@ def test_triu_vec_follows_triu_indices_order(d):
         assert vec[0].tolist() == [m[0, i, j].item() for i in range(3) for j in range(i, 3)]
 
 
+def test_triu_vec_trains_after_inference_mode():
+    d = 11  # a size no other test uses: its cached index is first built under inference_mode
+    with torch.inference_mode():
+        timm_gcp.triu_vec(torch.randn(1, d, d))
+    m = torch.randn(2, d, d, requires_grad=True)
+    timm_gcp.triu_vec(m).sum().backward()
+    assert torch.equal(m.grad, torch.ones(d, d).triu().expand(2, d, d))
+
+
 @pytest.mark.parametrize('shape', [(3, 3), (2, 3, 4), (1, 2, 2, 2)])
 def test_triu_vec_rejects_non_square_batches(shape):
     with pytest.raises(ValueError, match=r'\(B, d, d\)'):

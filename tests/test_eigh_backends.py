@@ -135,6 +135,17 @@ def test_differentiable_wrapper_matches_torch_eigh_gradients():
     torch.testing.assert_close(grads[3], grads[1], rtol=1e-10, atol=1e-10)
 
 
+def test_differentiable_wrapper_backward_ignores_autocast():
+    a = covariance(torch.randn(2, 6, 20)).requires_grad_()
+    wrapped = differentiable_eigh(lambda m: torch.linalg.eigh(m.detach()))
+    grad_vectors = torch.randn(2, 6, 6)
+    grads = []
+    for backward_in_autocast in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=backward_in_autocast):
+            grads.append(torch.autograd.grad((wrapped(a)[1] * grad_vectors).sum(), a)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
 # ---- CUDA: the cuSOLVER backend itself ----
 
 def _adversarial(dtype: torch.dtype) -> dict:

@@ -10,7 +10,8 @@ import timm_gcp
 from timm_gcp.meta_layers import AdaptiveChannelDropout, solve_lyapunov
 from timm_gcp.meta_layers.pade import MPA_DENOMINATOR, MPA_NUMERATOR, sqrt_taylor_coefficients
 from timm_gcp.meta_layers.spectral import (
-    SvdPade, geometric_partial_sum, loewner_power, pade_geometric_coefficients, polyval, replace_non_finite,
+    SvdPade, geometric_partial_sum, loewner_power, pade_geometric_coefficients, polyval, published_pade_coefficients,
+    replace_non_finite,
 )
 eigh_module = importlib.import_module("timm_gcp.ops.eigh_backends")
 
@@ -282,13 +283,35 @@ def test_pade_type_approximant_of_geometric_series():
     residual = [q - r for q, r in zip(denominator + [0.0], one_minus_x_times_p)]
     assert residual == [0.0] * 51 + [1.0]
     x = torch.linspace(0, 1, 10001, dtype=torch.float64)
-    approx = SvdPade().geometric(x)
+    approx = SvdPade(approximant='bounded').geometric(x)
     exact = 1 / (1 - x[x <= 0.9])
     assert ((approx[x <= 0.9] - exact).abs() / exact).max() < 2e-4   # close to K away from ties
     assert (approx[1:] >= approx[:-1]).all() and approx[-1] == 1326  # increasing, bounded at ties
     assert polyval(denominator, x).min() >= 1  # no poles on [0, 1]
     taylor_at_999 = polyval([1.0] * 101, torch.tensor(0.999, dtype=torch.float64))
-    assert abs(SvdPade().geometric(torch.tensor(0.999, dtype=torch.float64)) - 1000) < abs(taylor_at_999 - 1000)
+    assert abs(SvdPade(approximant='bounded').geometric(torch.tensor(0.999, dtype=torch.float64)) - 1000) < \
+        abs(taylor_at_999 - 1000)
+
+
+def test_published_pade_approximant_is_the_geometric_series():
+    numerator, denominator = published_pade_coefficients(50)
+    assert len(numerator) == len(denominator) == 51 and denominator[0] == 1.0  # a [50/50] rational, q_0 = 1
+    assert numerator != [1.0] + [0.0] * 50  # not 1/(1 - x) written down: the release's 20-digit Padé solve
+    x = torch.linspace(0, 0.999, 5001, dtype=torch.float64)
+    approx = SvdPade().geometric(x)
+    assert ((approx - 1 / (1 - x)).abs() * (1 - x)).max() < 1e-9   # 1/(1 - x) in floating point
+    assert not torch.isfinite(SvdPade().geometric(torch.ones((), dtype=torch.float64)))  # ties: the guard acts
+    with pytest.raises(ValueError, match="approximant must be one of \\['bounded', 'published'\\]"):
+        SvdPade(approximant='taylor')
+
+
+@pytest.mark.parametrize('approximant', ['published', 'bounded'])
+def test_svd_pade_finite_gradient_at_repeated_eigenvalues(approximant):
+    basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    cov = (basis * torch.tensor([1., 1., 1., 0.5, 0.5, 2.], dtype=torch.float64)) @ basis.T
+    cov = cov[None].requires_grad_()
+    timm_gcp.create_meta_layer('svd_pade', approximant=approximant)(cov).square().sum().backward()
+    assert torch.isfinite(cov.grad).all()
 
 
 @pytest.mark.parametrize('num_terms', [1, 2, 3, 20, 101])

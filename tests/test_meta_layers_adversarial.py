@@ -76,3 +76,22 @@ def test_zero_covariance_maps_to_zero(method):
     """The square root of the all-zero covariance is (numerically) zero, not NaN nor the eps floor blown up."""
     out = timm_gcp.create_meta_layer(method)(torch.zeros(1, 8, 8))
     assert out.abs().max() < 1e-9, f'{method}: {out.abs().max()}'
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_backward_inside_autocast_stays_float32(method):
+    """A backward called inside an autocast region computes what it computes outside (custom backwards included)."""
+    cov = timm_gcp.covariance(features(2, 16, 49))
+    upstream = torch.randn(2, 16, 16)
+    layer = timm_gcp.create_meta_layer(method)
+    grads = []
+    for backward_in_autocast in (False, True):
+        leaf = cov.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(leaf)
+            if backward_in_autocast:
+                out.backward(upstream)
+        if not backward_in_autocast:
+            out.backward(upstream)
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6, msg=lambda m: f'{method}: {m}')

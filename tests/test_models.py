@@ -90,9 +90,10 @@ def test_published_parameter_counts():
     assert counts['gcp_resnet50'] - resnet50 == 2048 * 256 + 2 * 256 + 32896 * 1000 + 1000 - (2048 * 1000 + 1000)
 
 
-@pytest.mark.parametrize('name', ['gcp_resnet18', 'gsop_resnet50'])
-def test_device_and_dtype_reach_every_module(name):
-    model = timm.create_model(name, device='meta', dtype=torch.float64, num_classes=3)
+@pytest.mark.parametrize('name, kwargs', [('gcp_resnet18', {}), ('gsop_resnet50', {}),
+                                          ('gcp_resnet18', {'stem_type': 'deep'})])  # timm ResNet options work
+def test_device_and_dtype_reach_every_module(name, kwargs):
+    model = timm.create_model(name, device='meta', dtype=torch.float64, num_classes=3, **kwargs)
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {('meta', torch.float64)}
 
 
@@ -370,6 +371,8 @@ def test_pretrained_tag_selects_its_meta_layer(monkeypatch):
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(meta_layer='no_such_layer'), 'Unknown meta-layer'),
+    (dict(meta_layer='no_such_layer', global_pool='avg'), 'Unknown meta-layer'),  # checked without a GCP head too
+    (dict(meta_layer_kwargs={'num_iter': 0}, global_pool='avg'), 'num_iter must be >= 1'),
     (dict(gcp_dim=0), r'gcp_dim must be an int from 1 to 512'),
     (dict(gcp_dim=513), r'gcp_dim must be an int from 1 to 512'),
     (dict(gcp_dim=16.0), r'gcp_dim must be an int'),
@@ -385,6 +388,8 @@ def test_bad_model_kwargs(kwargs, match):
 def test_bad_gsop_kwargs():
     with pytest.raises(ValueError, match='gsop_net must be 1'):
         timm.create_model('gsop_resnet50', gsop_net=3)
+    with pytest.raises(ValueError, match='Unknown meta-layer'), torch.device('meta'):
+        timm.create_model('gsop_resnet50', gsop_net=1, meta_layer='no_such_layer')  # GSoP-Net1: average pooling head
 
 
 def test_bad_inputs():

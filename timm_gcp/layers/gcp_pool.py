@@ -35,7 +35,6 @@ class GCPPool(nn.Module):
         super().__init__()
         if dim is not None and dim < 1:
             raise ValueError(f'gcp dim must be a positive channel count or None, got {dim}')
-        self.in_chs = in_chs
         self.dim = in_chs if dim is None else dim
         if dim is None:
             self.conv, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()

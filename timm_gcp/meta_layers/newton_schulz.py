@@ -5,6 +5,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..ops import fp32_backward
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = ['ISqrt', 'newton_schulz_sqrt', 'newton_schulz_sqrt_fast']
@@ -84,6 +85,7 @@ class _NewtonSchulzSqrt(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @fp32_backward
     def backward(ctx, grad_out: torch.Tensor):
         scale, root_scale, out = ctx.saved_tensors
         ys, zs, ts = ctx.iterates

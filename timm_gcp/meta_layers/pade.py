@@ -9,7 +9,7 @@ from typing import List, Sequence
 
 import torch
 
-from ..ops.covariance import symmetrize
+from ..ops.covariance import fp32_backward, symmetrize
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = ['MpaLya', 'MtpLya', 'MPA_NUMERATOR', 'MPA_DENOMINATOR', 'sqrt_taylor_coefficients', 'solve_lyapunov']
@@ -66,6 +66,7 @@ class _LyapunovSqrtFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_out):
         y, = ctx.saved_tensors
         return symmetrize(solve_lyapunov(y, symmetrize(grad_out), ctx.num_iter)), None, None

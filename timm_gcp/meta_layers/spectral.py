@@ -2,14 +2,13 @@
 
 Every layer here shares one forward: Σ = V diag(λ) Vᵀ from the pluggable eigendecomposition backend
 (`timm_gcp.ops.eigh`, see `timm_gcp.ops.eigh_backends`), eigenvalues clamped from below, out = V diag(λ^α) Vᵀ.
-They differ only in the backward,
-which is always dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ for a symmetric matrix L of divided differences:
+They differ only in the backward, which is always dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ for a symmetric matrix L of divided differences:
 
 - `eig` uses the exact L_ij = (λ_i^α − λ_j^α)/(λ_i − λ_j) (Daleckii–Krein / Loewner), evaluated without ever
   dividing by λ_i − λ_j, with L_ii = α λ_i^(α−1).
 - `svd_*` use the eigenvector rule L_ij = (λ_i^α − λ_j^α)·K_ij, where K_ij ≈ 1/(λ_i − λ_j) is written as
-  ±(1/a)·R(b/a), a = max(λ_i, λ_j), b = min(λ_i, λ_j), and R(x) approximates 1/(1 − x): a [50/50] Padé-type
-  approximant, the degree-100 Taylor polynomial, the derivative of 20 power iterations; or K is clipped at 1e10.
+  ±(1/a)·R(b/a), a = max(λ_i, λ_j), b = min(λ_i, λ_j), and R(x) approximates 1/(1 − x): the [50/50] Padé
+  approximant (as published, or a bounded variant), the degree-100 Taylor polynomial, the derivative of 20 power iterations; or K is clipped at 1e10.
 
 Eigenvalues are clamped at max(eps·λ_max, 1.2e-38): `eps` is relative to the largest eigenvalue (default: the
 machine epsilon of the dtype the eigendecomposition runs in, 1.19e-7 for float32, 2.22e-16 for float64) and the
@@ -18,18 +17,19 @@ eigenvalues as if they sat at the floor, so rank-deficient covariances get large
 Output dtype: float32, or float64 for float64 input; `float64=True` runs the eigendecomposition and the backward in
 float64 and casts back.
 """
-from typing import Optional, Sequence
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.covariance import symmetrize
+from ..ops.covariance import fp32_backward, symmetrize
 from ..ops import eigh
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = [
     'SpectralPower', 'MatrixPower', 'SvdPade', 'SvdTaylor', 'SvdPowerIteration', 'SvdTrunc',
-    'clamp_eigenvalues', 'geometric_partial_sum', 'loewner_power', 'pade_geometric_coefficients', 'polyval',
-    'replace_non_finite',
+    'clamp_eigenvalues', 'geometric_partial_sum', 'loewner_power', 'pade_geometric_coefficients',
+    'published_pade_coefficients', 'polyval', 'replace_non_finite',
 ]
 
 EIGENVALUE_FLOOR = torch.finfo(torch.float32).tiny
@@ -79,7 +79,8 @@ def geometric_partial_sum(x: torch.Tensor, num_terms: int) -> torch.Tensor:
 
 
 def pade_geometric_coefficients(n: int = 50):
-    """Numerator and denominator coefficients (ascending powers) of the [n/n] Padé-type approximant of 1/(1 − x).
+    """Numerator and denominator coefficients (ascending powers) of a bounded [n/n] Padé-type approximant of
+    1/(1 − x) (`svd_pade`'s `approximant='bounded'`).
 
     Every [n/n] rational that matches the geometric series 1/(1 − x) — or its degree-2n Taylor truncation — through
     x^(2n) collapses to 1/(1 − x) itself (the Padé problem is degenerate), which is unbounded at ties. A non-degenerate
@@ -92,6 +93,19 @@ def pade_geometric_coefficients(n: int = 50):
     numerator = [float(n + 1 - k) for k in range(n + 1)]
     denominator = [float(n + 1)] + [-1.0] * n
     return numerator, denominator
+
+
+@functools.lru_cache(maxsize=None)
+def published_pade_coefficients(n: int = 50) -> Tuple[List[float], List[float]]:
+    """Numerator and denominator coefficients (ascending powers) of the [n/n] Padé approximant of 1/(1 − x) as the
+    ICCV'21 release computes it: mpmath at 20 significant digits, from numerically differentiated degree-2n Taylor
+    coefficients of the geometric series. The rounding makes the degenerate Padé problem solvable; in floating point
+    the result equals 1/(1 − x) to about 1e-12 relative on [0, 0.999] and is infinite at x = 1 (ties), where the
+    overflow guard acts. Computed once, on first use."""
+    from mpmath import mp, mpf, pade, taylor  # a dependency of torch (through sympy)
+    with mp.workdps(20):
+        numerator, denominator = pade(taylor(lambda x: mpf(1) / (1 - x), 0, 2 * n), n, n)
+    return [float(c) for c in numerator], [float(c) for c in denominator]
 
 
 def replace_non_finite(grad: torch.Tensor) -> torch.Tensor:
@@ -115,6 +129,7 @@ class _SpectralPowerFn(torch.autograd.Function):
         return ((evecs * powered.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(cov.dtype)
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_out):
         evals, evecs = ctx.saved_tensors
         grad_eig = evecs.transpose(-1, -2) @ symmetrize(grad_out.to(evecs.dtype)) @ evecs
@@ -201,12 +216,25 @@ class _EigenvectorRule(SpectralPower):
 
 @register_meta_layer('svd_pade')
 class SvdPade(_EigenvectorRule):
-    """SVD-Padé (Song et al., ICCV 2021): K from a [50/50] Padé-type approximant of 1/(1 − x)
-    (see `pade_geometric_coefficients`)."""
-    numerator, denominator = pade_geometric_coefficients(50)
+    """SVD-Padé (Song et al., ICCV 2021): K from a [50/50] Padé approximant of 1/(1 − x).
+
+    `approximant='published'` uses the release's coefficients (`published_pade_coefficients`: 1/(1 − x) itself in
+    floating point, infinite at ties, then the overflow guard); `'bounded'` a non-degenerate approximant that stays
+    finite at ties (`pade_geometric_coefficients`)."""
+    APPROXIMANTS = {'published': published_pade_coefficients, 'bounded': pade_geometric_coefficients}
+
+    def __init__(self, approximant: str = 'published', **kwargs):
+        super().__init__(**kwargs)
+        if approximant not in self.APPROXIMANTS:
+            raise ValueError(f'svd_pade approximant must be one of {sorted(self.APPROXIMANTS)}, got {approximant!r}')
+        self.approximant = approximant
+        self.numerator, self.denominator = self.APPROXIMANTS[approximant](50)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
         return polyval(self.numerator, x) / polyval(self.denominator, x)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, approximant={self.approximant}'
 
 
 @register_meta_layer('svd_taylor')

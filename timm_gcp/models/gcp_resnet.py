@@ -67,9 +67,8 @@ class GcpResNet(ResNet):
             _remove_stride(self.layer4)
             self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
         self.gcp_dim = gcp_dim
-        self.meta_layer_name = meta_layer
-        self.meta_layer_kwargs = dict(meta_layer_kwargs or {})
         self.dropcov = dropcov
+        self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))  # validated even without a GCP head
         self.reset_classifier(num_classes, global_pool)
 
     def gcp_model_args(self) -> Dict[str, Any]:
@@ -114,7 +113,7 @@ class GcpResNet(ResNet):
 
     def _like_backbone(self, module: nn.Module) -> nn.Module:
         """`module` on the backbone's device and dtype, in the model's train/eval mode."""
-        reference = self.conv1.weight
+        reference = next(self.conv1.parameters())  # a deep stem's conv1 is a Sequential
         return module.to(device=reference.device, dtype=reference.dtype).train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

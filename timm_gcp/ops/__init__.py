@@ -1,4 +1,4 @@
-from .covariance import check_square_batch, compute_dtype, covariance, fp32_island, triu_vec
+from .covariance import check_square_batch, compute_dtype, covariance, fp32_backward, fp32_island, triu_vec
 from .cusolver_eigh import check_cusolver_failures
 from .eigh_backends import (
     EIGH_BACKEND_ENV, create_eigh_backend, differentiable_eigh, eigh, get_eigh_backend, list_eigh_backends,

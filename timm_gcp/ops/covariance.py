@@ -1,10 +1,12 @@
 """Covariance pooling primitives: the fp32 island, the covariance and the upper-triangular vectorisation."""
+import functools
 from contextlib import contextmanager
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
-__all__ = ['compute_dtype', 'fp32_island', 'covariance', 'triu_vec', 'check_square_batch', 'symmetrize']
+__all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'check_square_batch',
+           'symmetrize']
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -17,6 +19,16 @@ def fp32_island(x: torch.Tensor) -> Iterator[None]:
     """Disable autocast on `x`'s device so matmuls inside really run in the dtype their inputs have."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         yield
+
+
+def fp32_backward(backward: Callable) -> Callable:
+    """Decorate an autograd.Function's backward to run with autocast disabled, like its forward: a backward called
+    inside an autocast region would otherwise run its matmuls in low precision (or mix dtypes and fail)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with fp32_island(next(g for g in grads if g is not None)):
+            return backward(ctx, *grads)
+    return run
 
 
 def check_square_batch(m: torch.Tensor, what: str = 'input') -> None:
@@ -53,8 +65,9 @@ def _triu_flat_index(d: int, device: torch.device) -> torch.Tensor:
     key = (d, device)
     index = _TRIU_CACHE.get(key)
     if index is None:
-        rows, cols = torch.triu_indices(d, d, device=device)
-        index = _TRIU_CACHE[key] = rows * d + cols
+        with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
+            rows, cols = torch.triu_indices(d, d, device=device)
+            index = _TRIU_CACHE[key] = rows * d + cols
     return index
 
 

@@ -21,6 +21,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .covariance import check_square_batch
+
 __all__ = ['cusolver_eigh', 'check_cusolver_failures', 'cusolver_status', 'find_cusolver_library',
            'CUSOLVER_LIB_ENV']
 
@@ -184,8 +186,7 @@ def _check_input(a: torch.Tensor) -> None:
     if a.device.type != 'cuda':
         raise ValueError(f'the cusolver eigh backend needs a CUDA tensor, got one on {a.device}; '
                          'use the "torch" or "auto" backend for other devices')
-    if a.dim() != 3 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f'eigh input must be a batch of square matrices (B, d, d), got {tuple(a.shape)}')
+    check_square_batch(a, 'eigh input')
 
 
 def _queue_check(state: _ThreadState, info: torch.Tensor, eigenvalues: torch.Tensor, shape: Tuple[int, ...]) -> None:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
+from .covariance import fp32_backward
 from .cusolver_eigh import cusolver_eigh, cusolver_status
 
 __all__ = ['eigh', 'register_eigh_backend', 'list_eigh_backends', 'set_eigh_backend', 'get_eigh_backend',
@@ -92,6 +93,7 @@ class _DifferentiableEigh(torch.autograd.Function):
         return values, vectors
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_values: Optional[torch.Tensor], grad_vectors: Optional[torch.Tensor]):
         values, vectors = ctx.saved_tensors
         inner = torch.zeros_like(vectors)
