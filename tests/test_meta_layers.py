@@ -209,7 +209,7 @@ def gradient(fn, cov: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
 
 # max relative deviation from torch's eigh autograd (float64, d = 32, spectrum 0.7^k): K approximations of order n
 # are off by about x^n near the largest ratio x = 0.7
-GRADIENT_AGREEMENT_TOL = {'eig': 1e-11, 'svd_trunc': 1e-11, 'svd_pade': 1e-8, 'svd_taylor': 1e-11, 'svd_pi': 2e-3}
+GRADIENT_AGREEMENT_TOL = {'eig': 1e-11, 'svd_trunc': 1e-11, 'svd_pade': 1e-11, 'svd_taylor': 1e-11, 'svd_pi': 2e-3}
 
 
 @pytest.mark.parametrize('name', EXACT_METHODS)
@@ -222,8 +222,8 @@ def test_exact_gradients_agree(name):
 
 
 # d = 32, spectrum evenly spaced in [0.3, 1]: neighbouring ratios λ_j/λ_i reach 0.98, where the K series are
-# inexact by design (SVD-Padé closest to the exact gradient, SVD-PI furthest)
-FLOAT32_GRADIENT_TOL = {'eig': 1e-5, 'svd_trunc': 1e-5, 'svd_pade': 1e-2, 'svd_taylor': 5e-2, 'svd_pi': 3e-1}
+# inexact by design (SVD-PI furthest); the published SVD-Padé approximant is 1/(1 - x) in floating point
+FLOAT32_GRADIENT_TOL = {'eig': 1e-5, 'svd_trunc': 1e-5, 'svd_pade': 1e-5, 'svd_taylor': 5e-2, 'svd_pi': 3e-1}
 
 
 @pytest.mark.parametrize('name', EXACT_METHODS)
