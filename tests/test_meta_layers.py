@@ -392,3 +392,12 @@ def test_adaptive_channel_dropout_eval_identity_and_gradients():
     assert layer.attention.weight.grad is not None and torch.isfinite(layer.attention.weight.grad).all()
     with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
         layer(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize('name', ['mpa_lya', 'mtp_lya'])
+def test_lyapunov_layers_survive_huge_covariances(name):
+    cov = (spd(torch.linspace(0.5, 1.0, 8)) * 1e30).float().requires_grad_()  # squared entries overflow float32
+    out = timm_gcp.create_meta_layer(name)(cov)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(cov.grad).all()
+    torch.testing.assert_close(out / 1e15, timm_gcp.create_meta_layer(name)(cov.detach() / 1e30), rtol=1e-4, atol=0)

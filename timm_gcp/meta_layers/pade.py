@@ -40,7 +40,9 @@ def _matrix_polynomials(z: torch.Tensor, *coeff_lists: Sequence[float]) -> List[
 
 
 def _frobenius(m: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.matrix_norm(m)[..., None, None].clamp_min(torch.finfo(m.dtype).tiny ** 0.5)
+    """(B, 1, 1) Frobenius norms, summed in float64 so that float32 entries up to ~1e38 do not overflow."""
+    norm = torch.linalg.matrix_norm(m.double()).to(m.dtype)
+    return norm[..., None, None].clamp_min(torch.finfo(m.dtype).tiny ** 0.5)
 
 
 def solve_lyapunov(y: torch.Tensor, g: torch.Tensor, num_iter: int = 8) -> torch.Tensor:

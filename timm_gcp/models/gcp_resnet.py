@@ -85,6 +85,16 @@ class GcpResNet(ResNet):
             dropcov=self.dropcov,
         )
 
+    @property
+    def meta_layer_name(self) -> str:
+        """The GCP head's meta-layer (without a GCP head: the one a GCP head would get)."""
+        return self.global_pool.meta_layer_name if isinstance(self.global_pool, GCPPool) else self._meta_layer[0]
+
+    @property
+    def meta_layer_kwargs(self) -> Dict[str, Any]:
+        """Options of `meta_layer_name`."""
+        return self.global_pool.meta_layer_kwargs if isinstance(self.global_pool, GCPPool) else self._meta_layer[1]
+
     def set_meta_layer(self, name: str, **kwargs) -> None:
         """Switch the head's matrix normalisation, keeping every parameter (the hybrid protocol)."""
         if isinstance(self.global_pool, GCPPool):
@@ -92,12 +102,12 @@ class GcpResNet(ResNet):
             self.global_pool.meta_layer = self._like_backbone(self.global_pool.meta_layer)
         else:
             create_meta_layer(name, **kwargs)  # validate now; used when a GCP head is attached
-        self.meta_layer_name = name
-        self.meta_layer_kwargs = dict(kwargs)
+        self._meta_layer = (name, dict(kwargs))
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New `fc` for `num_classes` (0: none). `global_pool` None keeps the current pooling (a GCP head keeps its
         trained reduction); 'gcp' attaches a GCP head; other timm pool types ('avg', '' for none) replace it."""
+        self._meta_layer = (self.meta_layer_name, dict(self.meta_layer_kwargs))  # outlives a replaced GCP head
         global_pool = self.global_pool.pool_type if global_pool is None else global_pool
         self.num_classes = num_classes
         if global_pool == 'gcp':
