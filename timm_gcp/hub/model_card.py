@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..layers import gcp_feature_dim
 from .citations import citations_for
 
 __all__ = ['CardInfo', 'build_model_card', 'card_metrics', 'REPO_ID_PLACEHOLDER', 'TOP1_NAME', 'TOP5_NAME']
@@ -63,7 +64,7 @@ def _architecture_section(info: CardInfo) -> str:
     rows = [
         ('architecture', f'`{info.architecture}`'),
         ('meta-layer', f'`{info.meta_layer}`' if info.meta_layer else 'none (no covariance pooling head)'),
-        ('GCP dimension', f'{gcp_dim} ({gcp_dim * (gcp_dim + 1) // 2} features)' if gcp_dim else None),
+        ('GCP dimension', f'{gcp_dim} ({gcp_feature_dim(gcp_dim):,} features)' if gcp_dim else None),
         ('input size', ' x '.join(str(s) for s in info.input_size)),
         ('classes', str(info.num_classes)),
         ('parameters', f'{info.num_params:,}'),
