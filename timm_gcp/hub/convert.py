@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..layers import GCPPool
+from ..models import state_dict_differences
 from .export import export_model
 
 __all__ = ['SOURCES', 'Source', 'load_official_checkpoint', 'detect_layout', 'remap_state_dict', 'convert_checkpoint']
@@ -124,10 +125,7 @@ def convert_checkpoint(
         meta_layer_kwargs=dict(spec.meta_layer_kwargs) if meta_layer == spec.meta_layer else None,
         layer4_stride=layer4_stride or spec.layer4_stride)
     remapped = remap_state_dict(state_dict, layout, _gcp_pool_name(model))
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(remapped)), sorted(set(remapped) - set(expected))
-    wrong_shape = [f'{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}'
-                   for k, v in remapped.items() if k in expected and v.shape != expected[k].shape]
+    missing, unexpected, wrong_shape = state_dict_differences(model.state_dict(), remapped)
     if missing or unexpected or wrong_shape:
         raise ValueError(f'{src} ({layout} layout) does not fit {model_name}: missing {missing[:5]}, '
                          f'unexpected {unexpected[:5]}, shape mismatches {wrong_shape[:5]}')

@@ -2,7 +2,7 @@
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Mapping, Tuple, Union
 
 import timm
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..layers import GCPPool, GSoPBlock
 
-__all__ = ['load_backbone_weights']
+__all__ = ['load_backbone_weights', 'state_dict_differences']
 
 _logger = logging.getLogger(__name__)
 
@@ -28,6 +28,16 @@ def _read_state_dict(source: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]
     if name.startswith('hf-hub:') or timm.is_model(name.split('.', 1)[0]):
         return timm.create_model(name, pretrained=True).state_dict()
     raise ValueError(f'{name!r} is neither a checkpoint file nor a timm model name such as "resnet50.a1_in1k"')
+
+
+def state_dict_differences(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+                           ) -> Tuple[List[str], List[str], List[str]]:
+    """Keys of `given` against `expected`: (missing, unexpected, 'key: given (...) vs expected (...)'), each sorted."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [f'{k}: given {tuple(given[k].shape)} vs expected {tuple(v.shape)}'
+                  for k, v in sorted(expected.items()) if k in given and given[k].shape != v.shape]
+    return missing, unexpected, mismatched
 
 
 def _new_module_prefixes(model: nn.Module) -> List[str]:
@@ -47,11 +57,8 @@ def load_backbone_weights(model: nn.Module, source: Union[str, os.PathLike]) -> 
     checkpoint = {k: v for k, v in _read_state_dict(source).items() if not k.startswith(_CLASSIFIER)}
     new_prefixes = tuple(_new_module_prefixes(model))
     target = {k: v for k, v in model.state_dict().items() if not k.startswith(new_prefixes)}
-    missing = [k for k in target if k not in checkpoint and not k.endswith('num_batches_tracked')]
-    unexpected = [k for k in checkpoint if k not in target]
-    mismatched = [
-        f'{k}: checkpoint {tuple(checkpoint[k].shape)} vs model {tuple(v.shape)}'
-        for k, v in target.items() if k in checkpoint and checkpoint[k].shape != v.shape]
+    missing, unexpected, mismatched = state_dict_differences(target, checkpoint)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
     if missing or unexpected or mismatched:
         problems = [f'{len(keys)} {what} (e.g. {", ".join(keys[:3])})'
                     for what, keys in (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched))
