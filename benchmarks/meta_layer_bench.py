@@ -11,6 +11,7 @@ from timm_gcp import covariance, create_meta_layer
 from timm_gcp.meta_layers import SpectralPower, newton_schulz_sqrt
 from timm_gcp.ops import eigh
 
+from flops import matmul_flops
 from timing import guarded, median_ms, ratio
 
 MatrixFn = Callable[[torch.Tensor], torch.Tensor]
@@ -41,6 +42,17 @@ def time_forward_backward(fn: MatrixFn, cov: torch.Tensor, warmup: int, reps: in
         leaf.grad = None
         fn(leaf).backward(grad)
     return {'fwd_ms': fwd, 'fwd_bwd_ms': median_ms(step, cov.device, warmup, reps)}
+
+
+def product_gflop(fn: MatrixFn, cov: torch.Tensor) -> float:
+    """GFLOP of the matrix products in one forward+backward of `fn` on `cov` (device-independent work)."""
+    leaf = cov.detach().clone().requires_grad_()
+    return matmul_flops(lambda: fn(leaf).backward(torch.randn_like(cov))) / 1e9
+
+
+def time_with_products(fn: MatrixFn, cov: torch.Tensor, warmup: int, reps: int) -> Dict[str, Optional[float]]:
+    """`time_forward_backward` plus 'fwd_bwd_gflop', the matrix-product work of one forward+backward."""
+    return {**time_forward_backward(fn, cov, warmup, reps), 'fwd_bwd_gflop': product_gflop(fn, cov)}
 
 
 def _with_ratios(rows: List[Dict[str, object]], baseline: Dict[str, object]) -> List[Dict[str, object]]:
@@ -74,11 +86,14 @@ def _eigh_with(backend: str, dtype: torch.dtype) -> MatrixFn:
 def key_config_baselines(names: Sequence[str], device: torch.device, eigh_backends: Sequence[str],
                          warmup: int, reps: int, batch: int, dim: int, positions: int) -> List[Dict[str, object]]:
     """At one (B, d, M): the fused isqrt against the plain-autograd reference, `eig` on each eigh backend,
-    and the raw eigendecompositions (forward only), all as ratios to the fused isqrt."""
+    one float32 batched product and the raw eigendecompositions (forward only), all as ratios to the fused isqrt."""
     cov = random_covariance(batch, dim, positions, device)
     variants: Dict[str, Callable[[], Dict[str, Optional[float]]]] = {
-        'isqrt (fused backward)': lambda: time_forward_backward(create_meta_layer('isqrt'), cov, warmup, reps),
-        'isqrt (plain autograd reference)': lambda: time_forward_backward(newton_schulz_sqrt, cov, warmup, reps),
+        'isqrt (fused backward)': lambda: time_with_products(create_meta_layer('isqrt'), cov, warmup, reps),
+        'isqrt (plain autograd reference)': lambda: time_with_products(newton_schulz_sqrt, cov, warmup, reps),
+        # the device's float32 batched-product speed, the unit every Newton-Schulz variant is made of
+        'one batched product torch.bmm(A, A)': lambda: time_forward_backward(lambda a: torch.bmm(a, a), cov, warmup,
+                                                                             reps, backward=False),
     }
     for backend in eigh_backends:
         backend_reps = 3 if backend == 'torch' else reps  # torch.linalg.eigh takes ~0.4 s per call on CUDA

@@ -72,9 +72,10 @@ def markdown(result: Dict[str, object]) -> str:
     if key:
         k = key[0]
         parts += [f'## Meta-layer baselines at B={k["batch"]}, d={k["dim"]}, M={k["positions"]}', _table(
-            ['variant', 'fwd ms', 'fwd+bwd ms', 'fwd / isqrt', 'fwd+bwd / isqrt'],
+            ['variant', 'fwd ms', 'fwd+bwd ms', 'fwd / isqrt', 'fwd+bwd / isqrt', 'matmul GFLOP fwd+bwd'],
             [[r['variant'], _fmt(r.get('fwd_ms'), 3), _fmt(r.get('fwd_bwd_ms'), 3), _fmt(r.get('fwd_vs_isqrt')),
-              _fmt(r.get('fwd_bwd_vs_isqrt')) + (f' ({r["error"]})' if 'error' in r else '')] for r in key])]
+              _fmt(r.get('fwd_bwd_vs_isqrt')) + (f' ({r["error"]})' if 'error' in r else ''),
+              _fmt(r.get('fwd_bwd_gflop')) if 'fwd_bwd_gflop' in r else ''] for r in key])]
     compiled = result.get('compiled', [])
     if compiled:
         parts += ['## isqrt through torch.compile (CUDA graphs)', _table(

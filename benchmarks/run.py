@@ -28,6 +28,7 @@ QUICK = dict(batches=[4], dims=[16], positions=[49], warmup=1, reps=3, key={'bat
 # ICCV'21 layer in float32 instead of its float64 default
 CUDA_VARIANTS = [('eig', {'eigh_backend': 'torch'}, True), ('isqrt', {'compile': True}, False),
                  ('svd_pade', {'float64': False}, False)]
+SECTIONS = ('key_config', 'grid', 'network', 'compiled')  # 'compiled' (CUDA graphs) runs on CUDA only
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,8 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f'comma-separated subset of {",".join(timm_gcp.list_meta_layers())} (default: all)')
     parser.add_argument('--arch', default=None, help='network compared: timm ARCH (GAP) against gcp_ARCH '
                                                      '(default resnet50; resnet18 with --quick)')
+    parser.add_argument('--sections', default=None,
+                        help=f'comma-separated subset of {",".join(SECTIONS)} (default: all that the device runs)')
     parser.add_argument('--output', type=Path, required=True, help='folder for results.json, .md and .png')
     args = parser.parse_args(argv)
+    args.sections = args.sections.split(',') if args.sections else list(SECTIONS)
+    unknown_sections = sorted(set(args.sections) - set(SECTIONS))
+    if unknown_sections:
+        parser.error(f'unknown sections {unknown_sections}; known: {list(SECTIONS)}')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
     known = timm_gcp.list_meta_layers()
@@ -82,6 +89,7 @@ def main(argv=None) -> None:
     }
     if cuda:  # last: compilation takes a while, and everything before is already written
         sections['compiled'] = lambda: compiled_isqrt(device, cfg['warmup'], cfg['reps'], **cfg['key'])
+    sections = {name: measure for name, measure in sections.items() if name in args.sections}
     for name, measure in sections.items():
         print(f'[benchmarks] {name} ({time.time() - started:.0f} s)', flush=True)
         result[name] = measure()

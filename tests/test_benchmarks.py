@@ -20,6 +20,7 @@ def test_quick_cpu_suite_writes_results(tmp_path):
     fused, plain = key['isqrt (fused backward)'], key['isqrt (plain autograd reference)']
     assert fused['fwd_bwd_vs_isqrt'] == 1.0
     assert plain['fwd_bwd_vs_isqrt'] == pytest.approx(plain['fwd_bwd_ms'] / fused['fwd_bwd_ms'])
+    assert fused['fwd_bwd_gflop'] == pytest.approx(plain['fwd_bwd_gflop'] * 32 / 36)  # 5 iterations, B=4, d=32
     assert [r['meta_layer'] for r in result['grid']] == ['isqrt'] and result['grid'][0]['fwd_bwd_ms'] > 0
     network = {r['model']: r for r in result['network']['rows']}
     assert set(network) == {'resnet18', 'gcp_resnet18'}
@@ -60,10 +61,19 @@ def test_targets_are_judged_from_in_run_ratios(monkeypatch):
     assert other_size[eager] is None  # a time at another (B, d, M) says nothing about this target
 
 
-def test_rejects_unknown_meta_layer(tmp_path):
-    done = subprocess.run([sys.executable, str(RUN), '--device', 'cpu', '--meta-layers', 'nope', '--output',
-                           str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "unknown meta-layers ['nope']" in done.stderr
+@pytest.mark.parametrize('option, message', [('--meta-layers', "unknown meta-layers ['nope']"),
+                                             ('--sections', "unknown sections ['nope']")])
+def test_rejects_unknown_names(tmp_path, option, message):
+    done = subprocess.run([sys.executable, str(RUN), '--device', 'cpu', option, 'nope', '--output', str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and not tmp_path.joinpath('results.json').exists()
+
+
+def test_runs_only_the_requested_sections(tmp_path):
+    subprocess.run([sys.executable, str(RUN), '--device', 'cpu', '--quick', '--meta-layers', 'isqrt',
+                    '--sections', 'key_config', '--output', str(tmp_path)], check=True, timeout=300)
+    result = json.loads((tmp_path / 'results.json').read_text())
+    assert result['key_config'] and 'grid' not in result and 'network' not in result
 
 
 @pytest.mark.slow

@@ -1,9 +1,15 @@
 """The fused Newton-Schulz square root computes the reference formulation's numbers, forward and backward."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from timm_gcp import covariance, create_meta_layer
 from timm_gcp.meta_layers.newton_schulz import newton_schulz_sqrt, newton_schulz_sqrt_fast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from flops import matmul_flops  # noqa: E402
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
 
@@ -27,6 +33,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _compare(cov: torch.Tensor, num_iter: int, tol: float) -> None:
+    """Same output and gradient (both symmetrise their input, so the gradient is symmetric)."""
     grad = torch.randn_like(cov)  # not symmetric: the triu head's gradient is not either
     results = []
     for fn in (newton_schulz_sqrt, newton_schulz_sqrt_fast):
@@ -50,9 +57,34 @@ def test_matches_reference_forward_and_backward(dtype, num_iter):
             raise AssertionError(f'{name}, {dtype}, num_iter={num_iter}: {e}') from e
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize('num_iter', [1, 2, 3])
+def test_gradcheck_float64(num_iter):
     cov = covariance(torch.randn(2, 6, 9, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda c: newton_schulz_sqrt_fast(c, 3), (cov,))
+    assert torch.autograd.gradcheck(lambda c: newton_schulz_sqrt_fast(c, num_iter), (cov,))
+
+
+def test_gradient_is_symmetric_and_reaches_features_like_the_reference():
+    features = torch.randn(3, 12, 30, dtype=torch.float64)
+    grad = torch.randn(3, 12, 12, dtype=torch.float64)
+    feature_grads = []
+    for fn in (newton_schulz_sqrt, newton_schulz_sqrt_fast):
+        leaf = features.clone().requires_grad_()
+        cov = covariance(leaf)
+        cov.retain_grad()
+        fn(cov, 5).backward(grad)
+        feature_grads.append(leaf.grad)
+        assert _rel(cov.grad, cov.grad.mT) < 1e-14
+    assert _rel(feature_grads[1], feature_grads[0]) < 1e-13
+
+
+@pytest.mark.parametrize('num_iter, reference_products, fused_products', [(1, 3, 2), (3, 18, 16), (5, 36, 32)])
+def test_fused_forward_backward_needs_fewer_matrix_products(num_iter, reference_products, fused_products):
+    """5 iterations: 12 + 20 batched products against 12 + 24 for autograd through the reference formulation."""
+    cov = covariance(torch.randn(2, 16, 40))
+    product = 2 * 2 * 16 ** 3  # flops of one (16 x 16) @ (16 x 16) product, batch 2
+    for fn, expected in ((newton_schulz_sqrt, reference_products), (newton_schulz_sqrt_fast, fused_products)):
+        leaf = cov.clone().requires_grad_()
+        assert matmul_flops(lambda: fn(leaf, num_iter).backward(torch.randn_like(cov))) == expected * product
 
 
 def test_converges_to_exact_root():
@@ -111,3 +143,18 @@ def test_compiled_isqrt_matches_reference_on_cpu():
     ref = newton_schulz_sqrt(ref_cov, 3)
     ref.backward(torch.ones_like(ref))
     assert _rel(out.detach(), ref.detach()) < 2e-6 and _rel(cov.grad, ref_cov.grad) < 2e-6
+
+
+@pytest.mark.slow
+def test_fused_function_is_traced_whole_by_torch_compile():
+    """Inside a compiled model the fused forward and hand-derived backward are traced as one graph (no break)."""
+    layer = create_meta_layer('isqrt', num_iter=3)
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    cov = covariance(torch.randn(2, 8, 20))
+    grad = torch.randn_like(cov)
+    grads = []
+    for fn in (compiled, layer):
+        leaf = cov.clone().requires_grad_()
+        fn(leaf).backward(grad)
+        grads.append(leaf.grad)
+    assert _rel(grads[0], grads[1]) < 1e-6
