@@ -9,6 +9,7 @@ They differ only in the backward, which is always dΣ = V [(Vᵀ sym(G) V) ∘ L
 - `svd_*` use the eigenvector rule L_ij = (λ_i^α − λ_j^α)·K_ij, where K_ij ≈ 1/(λ_i − λ_j) is written as
   ±(1/a)·R(b/a), a = max(λ_i, λ_j), b = min(λ_i, λ_j), and R(x) approximates 1/(1 − x): the [50/50] Padé
   approximant (as published, or a bounded variant), the degree-100 Taylor polynomial, the derivative of 20 power iterations; or K is clipped at 1e10.
+  Each unordered pair i < j is evaluated once (on (B, d(d−1)/2) values) and mirrored into L.
 
 Eigenvalues are clamped at max(eps·λ_max, 1.2e-38): `eps` is relative to the largest eigenvalue (default: the
 machine epsilon of the dtype the eigendecomposition runs in, 1.19e-7 for float32, 2.22e-16 for float64) and the
@@ -41,10 +42,18 @@ def clamp_eigenvalues(evals: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.maximum(evals, floor)
 
 
-def _ordered_pairs(evals: torch.Tensor):
-    """Per pair (i, j) of (B, d) eigenvalues: max(λ_i, λ_j) and min(λ_i, λ_j), each (B, d, d)."""
-    li, lj = evals.unsqueeze(-1), evals.unsqueeze(-2)
-    return torch.maximum(li, lj), torch.minimum(li, lj)
+def _larger_smaller(first: torch.Tensor, second: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise max(first, second) and min(first, second)."""
+    return torch.maximum(first, second), torch.minimum(first, second)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_index(d: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """The unordered pairs i < j of d eigenvalues (strict upper triangle, row-major): i, j, and the positions
+    i·d + j and j·d + i of their two entries in a flattened d × d matrix."""
+    with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
+        first, second = torch.triu_indices(d, d, offset=1, device=device)
+        return first, second, first * d + second, second * d + first
 
 
 def loewner_power(evals: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -52,18 +61,31 @@ def loewner_power(evals: torch.Tensor, alpha: float) -> torch.Tensor:
 
     With a ≥ b and t = log(a/b) it is a^(α−1)·expm1(−αt)/expm1(−t): no division by λ_i − λ_j (for α = ½ it is
     1/(√λ_i + √λ_j))."""
-    big, small = _ordered_pairs(evals)
+    big, small = _larger_smaller(evals.unsqueeze(-1), evals.unsqueeze(-2))
     t = torch.log1p((big - small) / small)
     tie = t == 0
     ratio = torch.expm1(-alpha * t) / torch.where(tie, torch.ones_like(t), torch.expm1(-t))
     return big.pow(alpha - 1) * torch.where(tie, torch.full_like(t, alpha), ratio)
 
 
-def polyval(coeffs: Sequence[float], x: torch.Tensor) -> torch.Tensor:
-    """Σ_k coeffs[k]·x^k by Horner's rule."""
-    out = torch.full_like(x, coeffs[-1])
-    for c in reversed(coeffs[:-1]):
-        out = out * x + c
+@functools.lru_cache(maxsize=16)
+def _descending_coefficients(coeffs: Tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`coeffs`, highest power first, as a tensor (built once per dtype and device)."""
+    with torch.inference_mode(False):  # a cached inference tensor could not be used by a later backward
+        return torch.tensor(coeffs[::-1], dtype=dtype, device=device)
+
+
+def polyval(coeffs: Sequence, x: torch.Tensor) -> torch.Tensor:
+    """Σ_k coeffs[k]·x^k by Horner's rule, each step a multiply and an add rounded separately.
+
+    `coeffs` holds ascending coefficients: floats, or m-tuples of floats to evaluate m polynomials at once (sharing
+    each step's two kernels); the output has x's shape, or (m, *x.shape)."""
+    table = _descending_coefficients(tuple(coeffs), x.dtype, x.device)
+    stacked = table.shape[1:]
+    leading, *rest = table.view(*table.shape, *[1] * x.dim())  # each coefficient broadcasts over x
+    out = leading.expand(stacked + x.shape).clone()
+    for coefficient in rest:
+        out.mul_(x).add_(coefficient)  # not addcmul's single rounding: the published Padé is ill-conditioned near 1
     return out
 
 
@@ -72,9 +94,11 @@ def geometric_partial_sum(x: torch.Tensor, num_terms: int) -> torch.Tensor:
     S_2m = S_m·(1 + x^m), S_m+1 = 1 + x·S_m (all terms positive on [0, 1], no cancellation)."""
     total, power = torch.ones_like(x), x
     for bit in bin(num_terms)[3:]:
-        total, power = total * (1 + power), power * power
+        total.mul_(1 + power)
+        power = power * power
         if bit == '1':
-            total, power = 1 + x * total, power * x
+            total.mul_(x).add_(1)
+            power.mul_(x)
     return total
 
 
@@ -202,16 +226,23 @@ class _EigenvectorRule(SpectralPower):
         """R(x) ≈ 1/(1 − x) on (0, 1], bounded at x = 1."""
         raise NotImplementedError
 
-    def off_diagonal(self, evals: torch.Tensor, powered: torch.Tensor) -> torch.Tensor:
-        """(λ_i^α − λ_j^α)·K_ij."""
-        big, small = _ordered_pairs(evals)
+    def off_diagonal(self, evals_i: torch.Tensor, evals_j: torch.Tensor, powered_i: torch.Tensor,
+                     powered_j: torch.Tensor) -> torch.Tensor:
+        """(λ_i^α − λ_j^α)·K_ij for pairs of eigenvalues λ_i, λ_j and their powers λ_i^α, λ_j^α (same shapes)."""
+        big, small = _larger_smaller(evals_i, evals_j)
         # |λ_i^α − λ_j^α| / max(λ_i, λ_j) first: stays finite even where R(x)/max(λ_i, λ_j) would not
-        spread = (powered.unsqueeze(-1) - powered.unsqueeze(-2)).abs() / big
-        return spread * self.geometric(small / big)
+        spread = (powered_i - powered_j).abs_().div_(big)
+        return spread.mul_(self.geometric(small.div_(big)))
 
     def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
-        derivative = alpha * evals.pow(alpha - 1)
-        return torch.diagonal_scatter(self.off_diagonal(evals, powered), derivative, dim1=-2, dim2=-1)
+        """L_ij = L_ji = `off_diagonal` of the pair i < j (evaluated once per pair), L_ii = α λ_i^(α−1)."""
+        *batch, d = evals.shape
+        first, second, upper, lower = (index.expand(*batch, -1) for index in _pair_index(d, evals.device))
+        pairs = self.off_diagonal(
+            evals.gather(-1, first), evals.gather(-1, second), powered.gather(-1, first), powered.gather(-1, second))
+        out = evals.new_empty(*batch, d * d).scatter_(-1, upper, pairs).scatter_(-1, lower, pairs).view(*batch, d, d)
+        out.diagonal(dim1=-2, dim2=-1).copy_(alpha * evals.pow(alpha - 1))
+        return out
 
 
 @register_meta_layer('svd_pade')
@@ -228,10 +259,11 @@ class SvdPade(_EigenvectorRule):
         if approximant not in self.APPROXIMANTS:
             raise ValueError(f'svd_pade approximant must be one of {sorted(self.APPROXIMANTS)}, got {approximant!r}')
         self.approximant = approximant
-        self.numerator, self.denominator = self.APPROXIMANTS[approximant](50)
+        self.coefficients = list(zip(*self.APPROXIMANTS[approximant](50)))  # (numerator, denominator) per power
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
-        return polyval(self.numerator, x) / polyval(self.denominator, x)
+        numerator, denominator = polyval(self.coefficients, x)
+        return numerator.div_(denominator)
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, approximant={self.approximant}'
@@ -279,7 +311,8 @@ class SvdTrunc(_EigenvectorRule):
             raise ValueError(f'svd_trunc needs a positive clip, got {clip}')
         self.clip = clip
 
-    def off_diagonal(self, evals: torch.Tensor, powered: torch.Tensor) -> torch.Tensor:
-        gap = evals.unsqueeze(-1) - evals.unsqueeze(-2)
-        k = torch.sign(gap) / gap.abs().clamp_min(1.0 / self.clip)
-        return (powered.unsqueeze(-1) - powered.unsqueeze(-2)) * k
+    def off_diagonal(self, evals_i: torch.Tensor, evals_j: torch.Tensor, powered_i: torch.Tensor,
+                     powered_j: torch.Tensor) -> torch.Tensor:
+        gap = evals_i - evals_j
+        k = torch.sign(gap).div_(gap.abs().clamp_min_(1.0 / self.clip))
+        return (powered_i - powered_j).mul_(k)
