@@ -59,6 +59,8 @@ def test_targets_are_judged_from_in_run_ratios(monkeypatch):
     }
     other_size = {t['target']: t['met'] for t in report.targets(result(key_batch=32))}
     assert other_size[eager] is None  # a time at another (B, d, M) says nothing about this target
+    on_cpu = report.targets({**result(key_batch=64), 'environment': {'device_type': 'cpu'}})
+    assert all(t['met'] is None for t in on_cpu) and any(t['value'] for t in on_cpu)  # H100/H200 targets
 
 
 @pytest.mark.parametrize('option, message', [('--meta-layers', "unknown meta-layers ['nope']"),
