@@ -107,6 +107,11 @@ def markdown(result: Dict[str, object]) -> str:
     return '\n\n'.join(parts) + '\n'
 
 
+def _leave_empty(axes, why: str) -> None:
+    axes.set_axis_off()
+    axes.text(0.5, 0.5, why, ha='center', va='center', color='gray')
+
+
 def chart(result: Dict[str, object], path: Path) -> None:
     """Left: meta-layer fwd+bwd time / isqrt at the largest common configuration. Right: training img/s and peak
     memory of each model / GAP."""
@@ -125,6 +130,8 @@ def chart(result: Dict[str, object], path: Path) -> None:
         left.set_xscale('log')
         left.set_xlabel('fwd+bwd time / isqrt (log)')
         left.set_title('meta-layers at B={}, d={}, M={}'.format(*config))
+    else:
+        _leave_empty(left, 'no meta-layer grid in this run')
     network = [r for r in (result.get('network') or {'rows': []})['rows'] if r.get('throughput_vs_gap')]
     if network:
         labels = [_head_label(r) for r in network]
@@ -136,6 +143,8 @@ def chart(result: Dict[str, object], path: Path) -> None:
         right.axvline(1.0, color='k', lw=0.8)
         right.legend()
         right.set_title(f'training step ({result["settings"]["arch"]} GAP = 1)')
+    else:
+        _leave_empty(right, 'no training-step section in this run')
     fig.suptitle(f'timm-gcp on {result["environment"]["device_name"]}')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
