@@ -67,8 +67,10 @@ class _NewtonSchulzSqrt(torch.autograd.Function):
             ts.append(t)
             y = torch.bmm(y, t)
             if step < num_iter - 1:
-                w = y if step == 0 else torch.bmm(p, t)  # Y_0 = P_0: W_0 = Y_1
-                if step > 0:
+                if step == 0:
+                    w = y  # Y_0 = P_0, so W_0 = P_0 T_0 = Y_1 (saved once, as Y_1)
+                else:
+                    w = torch.bmm(p, t)
                     ws.append(w)
                 p = torch.bmm(w, t)
         out = y * scale.sqrt()[:, None, None]
