@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.covariance import fp32_backward, symmetrize
+from ..ops.covariance import cached_tensors, fp32_backward, symmetrize
 from ..ops import eigh
 from .registry import MetaLayer, register_meta_layer
 
@@ -47,13 +47,12 @@ def _larger_smaller(first: torch.Tensor, second: torch.Tensor) -> Tuple[torch.Te
     return torch.maximum(first, second), torch.minimum(first, second)
 
 
-@functools.lru_cache(maxsize=None)
+@cached_tensors
 def _pair_index(d: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     """The unordered pairs i < j of d eigenvalues (strict upper triangle, row-major): i, j, and the positions
     i·d + j and j·d + i of their two entries in a flattened d × d matrix."""
-    with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
-        first, second = torch.triu_indices(d, d, offset=1, device=device)
-        return first, second, first * d + second, second * d + first
+    first, second = torch.triu_indices(d, d, offset=1, device=device)
+    return first, second, first * d + second, second * d + first
 
 
 def loewner_power(evals: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -68,11 +67,10 @@ def loewner_power(evals: torch.Tensor, alpha: float) -> torch.Tensor:
     return big.pow(alpha - 1) * torch.where(tie, torch.full_like(t, alpha), ratio)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_tensors
 def _descending_coefficients(coeffs: Tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`coeffs`, highest power first, as a tensor (built once per dtype and device)."""
-    with torch.inference_mode(False):  # a cached inference tensor could not be used by a later backward
-        return torch.tensor(coeffs[::-1], dtype=dtype, device=device)
+    return torch.tensor(coeffs[::-1], dtype=dtype, device=device)
 
 
 def polyval(coeffs: Sequence, x: torch.Tensor) -> torch.Tensor:

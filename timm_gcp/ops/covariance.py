@@ -1,7 +1,7 @@
 """Covariance pooling primitives: the fp32 island, the covariance and the upper-triangular vectorisation."""
 import functools
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Iterator
 
 import torch
 
@@ -58,17 +58,21 @@ def covariance(x: torch.Tensor) -> torch.Tensor:
         return centred @ centred.transpose(-1, -2) / num_positions
 
 
-_TRIU_CACHE: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+def cached_tensors(build: Callable) -> Callable:
+    """Cache what `build` returns per (hashable) arguments, built outside inference mode: a cached inference tensor
+    could not be saved for a later backward."""
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(build)
+    def cached(*args):
+        with torch.inference_mode(False):
+            return build(*args)
+    return cached
 
 
+@cached_tensors
 def _triu_flat_index(d: int, device: torch.device) -> torch.Tensor:
-    key = (d, device)
-    index = _TRIU_CACHE.get(key)
-    if index is None:
-        with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
-            rows, cols = torch.triu_indices(d, d, device=device)
-            index = _TRIU_CACHE[key] = rows * d + cols
-    return index
+    rows, cols = torch.triu_indices(d, d, device=device)
+    return rows * d + cols
 
 
 def triu_vec(m: torch.Tensor) -> torch.Tensor:
