@@ -1,6 +1,7 @@
 """Benchmark suite: every meta-layer (forward, forward+backward) and whole-network training against in-run baselines.
 
-    python benchmarks/run.py [--device cpu|cuda] [--quick] [--meta-layers a,b] [--sections s,t] [--batches 64 --dims 256 --positions 196] --output benchmarks/results/NAME
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--meta-layers a,b] [--sections s,t]
+                             [--batches 64 --dims 256 --positions 196] --output benchmarks/results/NAME
 """
 import argparse
 import platform
@@ -29,6 +30,7 @@ QUICK = dict(batches=[4], dims=[16], positions=[49], warmup=1, reps=3, key={'bat
 CUDA_VARIANTS = [('eig', {'eigh_backend': 'torch'}, True), ('isqrt', {'compile': True}, False),
                  ('svd_pade', {'float64': False}, False)]
 SECTIONS = ('key_config', 'grid', 'network', 'compiled')  # 'compiled' (CUDA graphs) runs on CUDA only
+GRID_SIZES = ('batches', 'dims', 'positions')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f'comma-separated subset of {",".join(timm_gcp.list_meta_layers())} (default: all)')
     parser.add_argument('--arch', default=None, help='network compared: timm ARCH (GAP) against gcp_ARCH '
                                                      '(default resnet50; resnet18 with --quick)')
-    for size in ('batches', 'dims', 'positions'):
+    for size in GRID_SIZES:
         parser.add_argument(f'--{size}', default=None, type=lambda text: [int(v) for v in text.split(',')],
                             help=f'comma-separated grid {size} instead of the preset ones')
     parser.add_argument('--sections', default=None,
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     cfg = dict(QUICK if args.quick else FULL)
     cfg['arch'] = args.arch or cfg['arch']
-    cfg.update({size: getattr(args, size) for size in ('batches', 'dims', 'positions') if getattr(args, size)})
+    cfg.update({size: getattr(args, size) for size in GRID_SIZES if getattr(args, size)})
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the meta-layers' float32 is float32
@@ -75,9 +77,10 @@ def main(argv=None) -> None:
     started = time.time()
     result = {
         'environment': {
-            'device_name': torch.cuda.get_device_name(device) if cuda else f'CPU ({platform.processor() or platform.machine()}, '
-                                                                         f'{torch.get_num_threads()} threads)',
-            'device_type': device.type, 'torch': torch.__version__, 'timm': timm.__version__, 'cuda': torch.version.cuda,
+            'device_name': torch.cuda.get_device_name(device) if cuda else
+            f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)',
+            'device_type': device.type, 'torch': torch.__version__, 'timm': timm.__version__,
+            'cuda': torch.version.cuda,
             'eigh_backend': select_eigh_backend(device), 'python': sys.version.split()[0]},
         'settings': {**cfg, 'quick': args.quick, 'meta_layers': args.meta_layers},
     }
