@@ -1,7 +1,9 @@
 """Benchmark suite: every meta-layer (forward, forward+backward) and whole-network training against in-run baselines.
 
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--meta-layers a,b] [--sections s,t]
-                             [--batches 64 --dims 256 --positions 196] --output benchmarks/results/NAME
+                             [--batches 64 --dims 256 --positions 196] [--output DIR]
+
+Results go to benchmarks/results/local/<device> (untracked) unless --output names another folder.
 """
 import argparse
 import platform
@@ -31,6 +33,7 @@ CUDA_VARIANTS = [('eig', {'eigh_backend': 'torch'}, True), ('isqrt', {'compile':
                  ('svd_pade', {'float64': False}, False)]
 SECTIONS = ('key_config', 'grid', 'network', 'compiled')  # 'compiled' (CUDA graphs) runs on CUDA only
 GRID_SIZES = ('batches', 'dims', 'positions')
+LOCAL_RESULTS = Path(__file__).resolve().parent / 'results' / 'local'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             help=f'comma-separated grid {size} instead of the preset ones')
     parser.add_argument('--sections', default=None,
                         help=f'comma-separated subset of {",".join(SECTIONS)} (default: all that the device runs)')
-    parser.add_argument('--output', type=Path, required=True, help='folder for results.json, .md and .png')
+    parser.add_argument('--output', type=Path, default=None,
+                        help='folder for results.json, .md and .png (default: benchmarks/results/local/<device>, '
+                             'untracked, so committed results are never overwritten by accident)')
     args = parser.parse_args(argv)
+    args.output = args.output or LOCAL_RESULTS / args.device
     args.sections = args.sections.split(',') if args.sections else list(SECTIONS)
     unknown_sections = sorted(set(args.sections) - set(SECTIONS))
     if unknown_sections:

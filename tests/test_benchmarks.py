@@ -89,3 +89,13 @@ def test_interleaved_network_rounds(tmp_path):
         (i, m, l) for i in range(2) for m, l in
         [('resnet18', None), ('gcp_resnet18', 'isqrt'), ('gcp_resnet18', 'cov')]]
     assert all(r['img_per_s'] > 0 for r in rows)
+
+
+def test_default_output_is_an_untracked_folder(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run
+
+    output = run.parse_args(['--device', 'cpu']).output
+    assert output == BENCHMARKS / 'results' / 'local' / 'cpu'
+    ignored = subprocess.run(['git', 'check-ignore', '-q', str(output / 'results.json')], cwd=BENCHMARKS.parent)
+    assert ignored.returncode == 0  # never the committed results
