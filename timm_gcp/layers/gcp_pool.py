@@ -2,10 +2,11 @@
 from typing import Any, Dict, Optional
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 from ..meta_layers import AdaptiveChannelDropout, create_meta_layer
-from ..ops import covariance, triu_vec
+from ..ops import NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_vec
 
 __all__ = ['GCPPool', 'GCPHead', 'gcp_feature_dim']
 
@@ -15,14 +16,20 @@ def gcp_feature_dim(dim: int) -> int:
     return dim * (dim + 1) // 2
 
 
+@register_notrace_module  # a leaf for torch.fx (timm's feature extraction): its checks stay in the graph
 class GCPPool(nn.Module):
-    """(B, C, H, W) -> (B, dim(dim+1)/2) float32 second-order features.
+    """(B, C, H, W) -> (B, dim(dim+1)/2) second-order features.
 
+    The covariance and meta-layer compute in float32 (float64 for float64 input); the output is float32 under
+    autocast and otherwise takes the input's dtype (a pure bf16/fp16 model gets bf16/fp16 features).
     `dim=None` skips the 1x1 conv + BN + ReLU reduction and pools the `in_chs` channels directly.
     `dropcov=True` applies DropCov's adaptive channel dropout to the reduced features before the covariance
     (training only; pair it with `meta_layer='cov'` for DropCov as published).
+    A non-finite covariance raises `timm_gcp.ops.NonFiniteCovarianceError` saying the features fed to the head are
+    non-finite; `torch.jit.script` raises a RuntimeError (use torch.compile).
     """
     pool_type = 'gcp'
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(
             self,
@@ -33,8 +40,11 @@ class GCPPool(nn.Module):
             dropcov: bool = False,
     ):
         super().__init__()
-        if dim is not None and dim < 1:
-            raise ValueError(f'gcp dim must be a positive channel count or None, got {dim}')
+        for name, value in (('in_chs', in_chs), ('dim', dim)):
+            if (value is not None or name == 'in_chs') and (isinstance(value, bool) or not isinstance(value, int)
+                                                             or value < 1):
+                raise ValueError(f'GCPPool {name} must be a positive int channel count'
+                                 f'{" or None" if name == "dim" else ""}, got {value!r}')
         self.dim = in_chs if dim is None else dim
         if dim is None:
             self.conv, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()
@@ -64,7 +74,14 @@ class GCPPool(nn.Module):
         return self.channel_dropout(self.act(self.bn(self.conv(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return triu_vec(self.meta_layer(covariance(self.reduce(x))))
+        try:
+            pooled = triu_vec(self.meta_layer(covariance(self.reduce(x))))
+        except NonFiniteCovarianceError as err:
+            raise NonFiniteCovarianceError(
+                f'GCPPool: the covariance of the features it pools is non-finite: the (B, {self.dim}, H, W) features '
+                f'after its reduction hold NaN/Inf or overflow float32, so the backbone output (or the input images) '
+                f'did — e.g. a diverged training run ({err})') from None
+        return pooled if autocast_enabled(x) else pooled.to(x.dtype)
 
 
 class GCPHead(nn.Module):

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..ops import covariance
+from ..ops import covariance, refuse_torchscript
 
 __all__ = ['GSoPBlock']
 
@@ -13,7 +13,9 @@ class GSoPBlock(nn.Module):
     ReLU -> 1x1 conv C->dim (stride `stride`) + BN + ReLU -> dim x dim covariance (float32) -> BN over rows ->
     row-wise conv (groups=dim, kernel dim x 1, `expansion` x dim channels) -> 1x1 conv -> sigmoid -> scale.
     It sits in a residual block where a squeeze-excitation would: on the block output, before the residual add.
+    `torch.jit.script` raises a RuntimeError (use torch.compile).
     """
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, channels: int, dim: int = 128, stride: int = 1, expansion: int = 4):
         super().__init__()

@@ -7,14 +7,14 @@ from torch.autograd.function import once_differentiable
 
 from ..ops import fp32_backward
 from ..ops.covariance import symmetrize
+from .options import MAX_MATRIX_ITER, bool_option, int_option
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = ['ISqrt', 'newton_schulz_sqrt', 'newton_schulz_sqrt_fast']
 
 
-def _check_num_iter(num_iter: int) -> None:
-    if num_iter < 1:
-        raise ValueError(f'num_iter must be >= 1, got {num_iter}')
+def _check_num_iter(num_iter: int, layer: str = 'newton_schulz_sqrt') -> int:
+    return int_option(layer, 'num_iter', num_iter, 1, MAX_MATRIX_ITER)
 
 
 def _trace_floor(dtype: torch.dtype) -> float:
@@ -135,7 +135,7 @@ def compiled_newton_schulz_sqrt() -> Callable[[torch.Tensor, int], torch.Tensor]
 
 @register_meta_layer('isqrt')
 class ISqrt(MetaLayer):
-    """iSQRT-COV Newton-Schulz square root; `num_iter=5` in ResNets, 3 in the GSoP-Net2 head.
+    """iSQRT-COV Newton-Schulz square root; `num_iter` (1 to 100) is 5 in ResNets, 3 in the GSoP-Net2 head.
 
     Runs `newton_schulz_sqrt_fast` (fused forward, hand-derived backward), also inside a model compiled with
     torch.compile, which traces both; `compile=True` runs it through `compiled_newton_schulz_sqrt` on its own.
@@ -143,9 +143,8 @@ class ISqrt(MetaLayer):
 
     def __init__(self, num_iter: int = 5, compile: bool = False):
         super().__init__()
-        _check_num_iter(num_iter)
-        self.num_iter = num_iter
-        self.compile = compile
+        self.num_iter = _check_num_iter(num_iter, self.name)
+        self.compile = bool_option(self.name, 'compile', compile)
 
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
         if self.compile and not torch.compiler.is_compiling():

@@ -10,6 +10,7 @@ from typing import List, Sequence
 import torch
 
 from ..ops.covariance import fp32_backward, symmetrize
+from .options import MAX_MATRIX_ITER, int_option
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = ['MpaLya', 'MtpLya', 'MPA_NUMERATOR', 'MPA_DENOMINATOR', 'sqrt_taylor_coefficients', 'solve_lyapunov']
@@ -75,13 +76,11 @@ class _LyapunovSqrtFn(torch.autograd.Function):
 
 
 class _LyapunovSqrt(MetaLayer):
-    """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` sign iterations."""
+    """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` (1 to 100) sign iterations."""
 
     def __init__(self, lya_iter: int = 8):
         super().__init__()
-        if lya_iter < 1:
-            raise ValueError(f'{type(self).__name__} needs lya_iter >= 1, got {lya_iter}')
-        self.lya_iter = lya_iter
+        self.lya_iter = int_option(self.name, 'lya_iter', lya_iter, 1, MAX_MATRIX_ITER)
 
     def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:
         """√(I − Z) for Z = I − A/‖A‖_F."""
@@ -109,14 +108,12 @@ class MpaLya(_LyapunovSqrt):
 
 @register_meta_layer('mtp_lya')
 class MtpLya(_LyapunovSqrt):
-    """MTP-Lya (Song et al., ICLR 2022): degree-`degree` (10) matrix Taylor polynomial of √(1 − z), Lyapunov
-    backward."""
+    """MTP-Lya (Song et al., ICLR 2022): degree-`degree` (10; 1 to 100) matrix Taylor polynomial of √(1 − z),
+    Lyapunov backward."""
 
     def __init__(self, degree: int = 10, lya_iter: int = 8):
         super().__init__(lya_iter)
-        if degree < 1:
-            raise ValueError(f'mtp_lya needs degree >= 1, got {degree}')
-        self.degree = degree
+        self.degree = int_option(self.name, 'degree', degree, 1, MAX_MATRIX_ITER)
         self.coeffs = sqrt_taylor_coefficients(degree)
 
     def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:

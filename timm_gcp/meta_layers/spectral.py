@@ -25,6 +25,7 @@ import torch
 
 from ..ops.covariance import cached_tensors, fp32_backward, symmetrize
 from ..ops import eigh
+from .options import MAX_SERIES_TERMS, bool_option, float_option, int_option, optional
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = [
@@ -164,8 +165,8 @@ class SpectralPower(MetaLayer):
     """Base of the exact layers: matrix power Σ^α from an exact eigendecomposition; subclasses choose the backward.
 
     Args:
-        alpha: the power (½: matrix square root).
-        eps: eigenvalue clamp relative to λ_max; None: machine epsilon of the eigendecomposition dtype.
+        alpha: the power, in (0, 2] (½: matrix square root).
+        eps: eigenvalue clamp relative to λ_max, in [0, 1); None: machine epsilon of the eigendecomposition dtype.
         float64: run eigendecomposition and backward in float64 (the output keeps the input's compute dtype).
         eigh_backend: name of the `timm_gcp.ops.eigh` backend; None: the process-wide default.
     """
@@ -179,13 +180,11 @@ class SpectralPower(MetaLayer):
             eigh_backend: Optional[str] = None,
     ):
         super().__init__()
-        if alpha <= 0:
-            raise ValueError(f'{type(self).__name__} needs a positive power alpha, got {alpha}')
-        if eps is not None and eps < 0:
-            raise ValueError(f'{type(self).__name__} needs eps >= 0, got {eps}')
-        self.alpha = alpha
-        self.eps = eps
-        self.float64 = float64
+        self.alpha = float_option(self.name, 'alpha', alpha, 0., 2.)
+        self.eps = optional(float_option, self.name, 'eps', eps, 0., 1. - 2 ** -24, include_low=True)
+        self.float64 = bool_option(self.name, 'float64', float64)
+        if eigh_backend is not None and not isinstance(eigh_backend, str):
+            raise ValueError(f'{self.name} option eigh_backend must be a backend name or None, got {eigh_backend!r}')
         self.eigh_backend = eigh_backend
 
     def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -274,9 +273,7 @@ class SvdTaylor(_EigenvectorRule):
 
     def __init__(self, degree: int = 100, **kwargs):
         super().__init__(**kwargs)
-        if degree < 0:
-            raise ValueError(f'svd_taylor needs degree >= 0, got {degree}')
-        self.degree = degree
+        self.degree = int_option(self.name, 'degree', degree, 0, MAX_SERIES_TERMS)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
         return geometric_partial_sum(x, self.degree + 1)
@@ -291,9 +288,7 @@ class SvdPowerIteration(_EigenvectorRule):
 
     def __init__(self, num_iter: int = 20, **kwargs):
         super().__init__(**kwargs)
-        if num_iter < 1:
-            raise ValueError(f'svd_pi needs num_iter >= 1, got {num_iter}')
-        self.num_iter = num_iter
+        self.num_iter = int_option(self.name, 'num_iter', num_iter, 1, MAX_SERIES_TERMS)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
         return geometric_partial_sum(x, self.num_iter)
@@ -305,9 +300,7 @@ class SvdTrunc(_EigenvectorRule):
 
     def __init__(self, clip: float = 1e10, **kwargs):
         super().__init__(**kwargs)
-        if clip <= 0:
-            raise ValueError(f'svd_trunc needs a positive clip, got {clip}')
-        self.clip = clip
+        self.clip = float_option(self.name, 'clip', clip, 0., 1e30)
 
     def off_diagonal(self, evals_i: torch.Tensor, evals_j: torch.Tensor, powered_i: torch.Tensor,
                      powered_j: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,19 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+from timm.layers import register_notrace_function
 
 __all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'check_square_batch',
-           'symmetrize']
+           'check_covariance', 'symmetrize', 'autocast_enabled', 'NonFiniteCovarianceError',
+           'IndefiniteCovarianceError', 'refuse_torchscript']
+
+
+class NonFiniteCovarianceError(ValueError):
+    """A covariance holds NaN or Inf."""
+
+
+class IndefiniteCovarianceError(ValueError):
+    """A covariance has an eigenvalue below -√eps·|tr Σ| (not positive semi-definite beyond rounding)."""
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -14,9 +24,27 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def refuse_torchscript(module: torch.nn.Module) -> torch.nn.Module:
+    """`__prepare_scriptable__` of the covariance modules: `torch.jit.script` of any model holding one raises this
+    one RuntimeError."""
+    raise RuntimeError(
+        f'{type(module).__name__}: timm_gcp covariance pooling does not support TorchScript (torch.jit.script); its '
+        f'meta-layers are custom autograd Functions with Python-side input checks. Use torch.compile instead.')
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for `x`'s device type (False for device types without autocast, e.g. 'meta')."""
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 @contextmanager
 def fp32_island(x: torch.Tensor) -> Iterator[None]:
-    """Disable autocast on `x`'s device so matmuls inside really run in the dtype their inputs have."""
+    """Disable autocast on `x`'s device so matmuls inside really run in the dtype their inputs have (a no-op on
+    device types without autocast, e.g. 'meta')."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        yield
+        return
     with torch.autocast(device_type=x.device.type, enabled=False):
         yield
 
@@ -42,6 +70,38 @@ def symmetrize(m: torch.Tensor) -> torch.Tensor:
     return 0.5 * (m + m.transpose(-1, -2))
 
 
+def _batch_elements(bad: list) -> str:
+    indices = [i for i, flag in enumerate(bad) if flag]
+    shown = ', '.join(map(str, indices[:8])) + (', ...' if len(indices) > 8 else '')
+    return f'{len(indices)} of {len(bad)} matrices, batch elements [{shown}]'
+
+
+def check_covariance(cov: torch.Tensor, what: str = 'input covariance') -> None:
+    """Raise NonFiniteCovarianceError if the (B, d, d) `cov` holds NaN/Inf, IndefiniteCovarianceError if its
+    symmetric part has an eigenvalue below -√eps·|tr Σ| (eps of `cov`'s dtype; decided by whether
+    Σ + √eps·|tr Σ|·I has a Cholesky factor). Both are ValueErrors naming `what` and the batch elements.
+
+    One batched Cholesky, one reduction and one device-to-host read (a sync on CUDA); skipped on 'meta' tensors and
+    while torch.compile traces.
+    """
+    if cov.device.type == 'meta' or torch.compiler.is_compiling() or cov.numel() == 0:
+        return
+    with torch.no_grad():
+        finite = torch.isfinite(cov).flatten(1).all(dim=1)
+        sym = symmetrize(torch.where(finite[:, None, None], cov, torch.zeros_like(cov)))
+        trace = sym.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
+        shift = (torch.finfo(cov.dtype).eps ** 0.5 * trace).clamp_min(torch.finfo(cov.dtype).tiny)
+        info = torch.linalg.cholesky_ex(sym + torch.diag_embed(shift[:, None].expand(-1, cov.shape[-1])))[1]
+        non_finite, indefinite = torch.stack([~finite, info != 0]).tolist()
+    if any(non_finite):
+        raise NonFiniteCovarianceError(f'{what} is non-finite (NaN or Inf in {_batch_elements(non_finite)})')
+    if any(indefinite):
+        raise IndefiniteCovarianceError(
+            f'{what} is not positive semi-definite: an eigenvalue is below -√eps·|trace| '
+            f'({_batch_elements(indefinite)}); meta-layers take covariances (e.g. `timm_gcp.covariance` output)')
+
+
+@register_notrace_function
 def covariance(x: torch.Tensor) -> torch.Tensor:
     """Biased (1/M), mean-subtracted covariance of (B, C, H, W) or (B, C, M) features -> (B, C, C).
 
@@ -75,6 +135,7 @@ def _triu_flat_index(d: int, device: torch.device) -> torch.Tensor:
     return rows * d + cols
 
 
+@register_notrace_function
 def triu_vec(m: torch.Tensor) -> torch.Tensor:
     """(B, d, d) -> (B, d(d+1)/2): the upper triangle in row-major order (the order of `torch.triu_indices`)."""
     check_square_batch(m, 'triu_vec input')
