@@ -8,8 +8,19 @@ DIR gets model.safetensors, config.json and README.md: load it with
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from timm_gcp.hub.convert import SOURCES, convert_checkpoint
+
+
+def _published_command(args: argparse.Namespace) -> str:
+    """The conversion command as the model card shows it: files by name only, no local paths, no output folder."""
+    words = ['python', 'hub/convert.py', Path(args.src).name, '--model', args.model, '--source', args.source]
+    for flag, value in (('--meta-layer', args.meta_layer), ('--layer4-stride', args.layer4_stride),
+                        ('--label-names', args.label_names and Path(args.label_names).name)):
+        if value:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def main(argv=None) -> int:
@@ -28,7 +39,7 @@ def main(argv=None) -> int:
     if args.label_names:
         with open(args.label_names) as f:
             label_names = [line.strip() for line in f if line.strip()]
-    command = 'python hub/convert.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = _published_command(args)
     try:
         out, model = convert_checkpoint(args.src, args.model, args.output, source=args.source,
                                         meta_layer=args.meta_layer, layer4_stride=args.layer4_stride,

@@ -1,12 +1,13 @@
 """Print the README model table generated from hub/catalogue.yaml, or rewrite it in README.md (--write).
 
-The table lives between the markers <!-- model-table --> and <!-- /model-table --> of README.md.
+The table lives between the markers <!-- model-table --> and <!-- /model-table --> of README.md. The catalogue is
+checked against timm's registry first: published entries must be registered tags, the others must not be.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from timm_gcp.hub.catalogue import load_catalogue, render_table, replace_table
+from timm_gcp.hub.catalogue import check_registry, load_catalogue, render_table, replace_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,16 +18,18 @@ def main(argv=None) -> int:
     parser.add_argument('--readme', default=str(ROOT / 'README.md'))
     parser.add_argument('--write', action='store_true', help='replace the table in the README')
     args = parser.parse_args(argv)
-    table = render_table(load_catalogue(args.catalogue))
+    try:
+        entries = load_catalogue(args.catalogue)
+        check_registry(entries)
+        table = render_table(entries)
+        if args.write:
+            readme = Path(args.readme)
+            readme.write_text(replace_table(readme.read_text(), table))
+    except ValueError as e:
+        print(f'model table: {e}', file=sys.stderr)
+        return 1
     if not args.write:
         print(table, end='')
-        return 0
-    readme = Path(args.readme)
-    try:
-        readme.write_text(replace_table(readme.read_text(), table))
-    except ValueError as e:
-        print(f'{readme}: {e}', file=sys.stderr)
-        return 1
     return 0
 
 

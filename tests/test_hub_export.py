@@ -1,6 +1,8 @@
 """export_model and the model card: files, config, atomic replacement, YAML metadata, citations."""
+import getpass
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,86 @@ def test_export_records_data_config(gcp_model, tmp_path, monkeypatch, native):
     data = timm.data.resolve_model_data_config(loaded)
     assert data['input_size'] == (3, 96, 96) and data['crop_pct'] == 1.0
     assert '3 x 96 x 96' in (out / 'README.md').read_text()
+
+
+def test_export_config_describes_the_run_not_the_backbone(tmp_path):
+    """A model built from a timm tag (ImageNet, notes, paper) exported after a 64 px run on a 2-class pet set."""
+    model = timm.create_model('resnet18.a1_in1k', num_classes=2).eval()
+    assert model.pretrained_cfg['tag'] == 'a1_in1k' and model.pretrained_cfg['paper_ids']
+    out = export_model(model, tmp_path / 'model', label_names=['cat', 'dog'], dataset='Oxford-IIIT Pet',
+                       data_config={'input_size': (3, 64, 64)}, base_model='timm/resnet18.a1_in1k')
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['tag'] == 'oxford_iiit_pet'
+    assert cfg['description'] == 'fine-tuned from timm/resnet18.a1_in1k on Oxford-IIIT Pet (2 classes) at 64 px'
+    assert not {'notes', 'origin_url', 'paper_ids', 'paper_name'} & set(cfg)
+    others = json.dumps({k: v for k, v in cfg.items() if k != 'description'}).lower()
+    assert 'imagenet' not in others and 'in1k' not in others
+    meta = _front_matter((out / 'README.md').read_text())
+    assert meta['base_model'] == 'timm/resnet18.a1_in1k'
+    assert '[`timm/resnet18.a1_in1k`](https://huggingface.co/timm/resnet18.a1_in1k)' in (out / 'README.md').read_text()
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert loaded.pretrained_cfg['tag'] == 'oxford_iiit_pet'
+
+    scratch = export_model(model, tmp_path / 'scratch', label_names=['cat', 'dog'], dataset='org/my-data')
+    cfg = json.loads((scratch / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['tag'] == 'my_data' and cfg['description'] == 'trained on org/my-data (2 classes) at 224 px'
+    assert 'base_model' not in _front_matter((scratch / 'README.md').read_text())
+    unnamed = json.loads((export_model(model, tmp_path / 'unnamed', label_names=['a', 'b']) / 'config.json')
+                         .read_text())['pretrained_cfg']
+    assert 'tag' not in unnamed and unnamed['description'] == 'trained on an unnamed data set (2 classes) at 224 px'
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_export_has_the_users_normal_permissions(gcp_model, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'])
+        export_model(gcp_model, out, label_names=['a', 'b', 'c'])  # replacing an export keeps them too
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        name: 0o666 & ~umask for name in ('README.md', 'config.json', 'model.safetensors')}
+
+
+def test_export_refuses_non_finite_weights_and_leaves_the_old_export(tmp_path):
+    model = timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=8).eval()
+    out = export_model(model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics={'top1': 1.0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float('nan')
+        model.conv1.weight[0, 0, 0, 0] = float('inf')
+    with pytest.raises(ValueError, match=r"has 2 non-finite tensors \(NaN/Inf\), e.g. \['conv1.weight', 'fc.weight'\]"):
+        export_model(model, out, label_names=['a', 'b', 'c'])
+    with pytest.raises(ValueError, match='has 2 non-finite tensors'):
+        export_model(model, tmp_path / 'fresh', label_names=['a', 'b', 'c'])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+
+
+@pytest.mark.parametrize('metrics', [{'top1': float('nan')}, {'top1': 50.0, 'top5': float('inf')},
+                                     {'top1': None}, {'top1': '50'}])
+def test_export_refuses_non_finite_metrics(gcp_model, tmp_path, metrics):
+    with pytest.raises(ValueError, match='metrics must be finite numbers'):
+        export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics=metrics)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_local_paths_and_the_user_name(gcp_model, tmp_path, monkeypatch):
+    """A run under a distinctive temp path whose command and recipe carry it: nothing is written, and the message
+    names the file and the text; file names and Hub ids alone pass."""
+    run = tmp_path / 'runs-of-zq7' / 'pets'
+    out = export_model(gcp_model, run / 'model', label_names=['a', 'b', 'c'], command='python train.py --data-dir pets',
+                       recipe={'data_dir': 'pets', 'initial_checkpoint': 'last.safetensors'})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=rf"README.md would publish '{re.escape(str(run))}/data'"):
+        export_model(gcp_model, out, label_names=['a', 'b', 'c'], command=f'python train.py --data-dir {run}/data')
+    with pytest.raises(ValueError, match=rf"README.md would publish '{re.escape(str(Path.home()))}/imgs'"):
+        export_model(gcp_model, out, label_names=['a', 'b', 'c'], recipe={'data_dir': f'{Path.home()}/imgs'})
+    with pytest.raises(ValueError, match=r"README.md would publish 'C:\\\\Users"):
+        export_model(gcp_model, out, label_names=['a', 'b', 'c'], command=r'train.py --data-dir C:\Users\me\pets')
+    monkeypatch.setattr(getpass, 'getuser', lambda: 'jdoe-zq7')
+    with pytest.raises(ValueError, match=r"config.json would publish 'jdoe-zq7'"):
+        export_model(gcp_model, out, label_names=['a', 'jdoe-zq7', 'c'])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == ['model']

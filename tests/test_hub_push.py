@@ -1,8 +1,10 @@
 """push / verify against the project's Hub-protocol server (tests/hub_server.py), driven by the real
 huggingface_hub client and timm. In-process tests patch the client's endpoint; CLI tests run as subprocesses."""
+import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +15,13 @@ import timm
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
+from timm_gcp.hub.manifest import file_digest
 from timm_gcp.hub.push import push_model, redact_token, with_retries
-from timm_gcp.hub.verify import VerificationError, verify_repo
+from timm_gcp.hub.verify import VerificationError, verify_folder, verify_repo
 from hub_server import HubServer, serve_patched
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,3 +258,71 @@ def test_cli_push_and_verify_never_print_the_token(exported, tmp_path, image_fol
             assert TOKEN not in output
     finally:
         server.stop()
+
+
+def test_push_refuses_non_finite_or_local_content_before_any_request(hub, exported, tmp_path):
+    """NaN weights, a NaN metric in the card's model-index or in config.json, and a local path in a published text
+    are each refused with a message naming the file; nothing reaches the server."""
+    original = {p.name: p.read_bytes() for p in exported.iterdir()}
+    weights = load_file(str(exported / 'model.safetensors'))
+    weights['fc.weight'][0, 0] = float('nan')
+    save_file(weights, str(exported / 'model.safetensors'))
+    with pytest.raises(ValueError, match=r"model.safetensors has 1 non-finite tensors \(NaN/Inf\), e.g. \['fc.weight'\]"):
+        push_model(exported, 'org/x')
+    (exported / 'model.safetensors').write_bytes(original['model.safetensors'])
+
+    card = original['README.md'].decode()
+    assert card.count('value: 50.0') == 1
+    (exported / 'README.md').write_text(card.replace('value: 50.0', 'value: .nan'))
+    with pytest.raises(ValueError, match="model-index metrics of .*README.md must be finite numbers"):
+        push_model(exported, 'org/x')
+    (exported / 'README.md').write_text(card + f'\ntrained with --data-dir {tmp_path}/data\n')
+    with pytest.raises(ValueError, match=rf"README.md would publish '{re.escape(str(tmp_path))}/data'"):
+        push_model(exported, 'org/x')
+    (exported / 'README.md').write_text(card)
+
+    config = json.loads(original['config.json'])
+    (exported / 'config.json').write_text(json.dumps({**config, 'best_top1': float('nan')}))
+    with pytest.raises(ValueError, match='config.json holds the non-finite number NaN'):
+        push_model(exported, 'org/x')
+    assert hub.requests == []
+
+
+def test_file_digest_matches_hashlib(tmp_path):
+    data = bytes(range(256)) * 4099  # several of sha_fileobj's 1 MiB chunks
+    (tmp_path / 'blob').write_bytes(data)
+    expected = (hashlib.sha256(data).hexdigest(), len(data))
+    assert file_digest(data) == expected and file_digest(tmp_path / 'blob') == expected
+    assert file_digest(b'') == (hashlib.sha256(b'').hexdigest(), 0)
+
+
+def test_verify_a_local_export_folder(model, exported, image_folder):
+    accuracy = _accuracy(exported, image_folder)
+    export_model(model, exported, label_names=LABELS, metrics={'top1': accuracy, 'top5': 100.0}, dataset='toy',
+                 data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
+    report = verify_folder(exported, data_dir=image_folder, tolerance=0.01)
+    assert report.commit is None and report.measured['top1'] == pytest.approx(accuracy)
+    assert report.sha256 == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in exported.iterdir()}
+
+    export_model(model, exported, label_names=LABELS, metrics={'top1': accuracy + 20, 'top5': 100.0},
+                 data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
+    with pytest.raises(VerificationError, match='top1: re-evaluated'):
+        verify_folder(exported, data_dir=image_folder)
+    weights = load_file(str(exported / 'model.safetensors'))
+    weights['conv1.weight'][0] = float('inf')
+    save_file(weights, str(exported / 'model.safetensors'))
+    with pytest.raises(VerificationError, match='1 non-finite tensors'):
+        verify_folder(exported)
+
+
+def test_cli_verifies_a_folder(exported, tmp_path):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf_home')}
+    ok = subprocess.run([sys.executable, 'hub/verify.py', str(exported)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert 'local-dir: load reproduces model.safetensors exactly' in ok.stdout
+    sha = hashlib.sha256((exported / 'model.safetensors').read_bytes()).hexdigest()
+    assert f'sha256 {sha}  model.safetensors' in ok.stdout
+    wrong = subprocess.run([sys.executable, 'hub/verify.py', str(exported), '--revision', 'main'], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 1 and '--revision and --catalogue apply to a repo id only' in wrong.stderr

@@ -1,15 +1,18 @@
-"""The catalogue of every published, converted or planned weight (hub/catalogue.yaml) and its README table."""
+"""The catalogue of every published, converted or planned GCP-trained weight (hub/catalogue.yaml), its check
+against timm's registry and its README table."""
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
+import timm
 import yaml
 
-__all__ = ['CatalogueEntry', 'load_catalogue', 'recorded_sha256', 'render_table', 'replace_table', 'STATUSES']
+__all__ = ['CatalogueEntry', 'check_registry', 'load_catalogue', 'recorded_sha256', 'render_table', 'replace_table',
+           'STATUSES']
 
 STATUSES = ('published', 'converted', 'planned')
 TABLE_BEGIN, TABLE_END = '<!-- model-table -->\n', '<!-- /model-table -->'
-_FIELDS = ('arch', 'tag', 'meta_layer', 'dataset', 'resolution', 'num_classes', 'recipe', 'hub_id', 'status')
+_FIELDS = ('arch', 'tag', 'meta_layer', 'dataset', 'resolution', 'num_classes', 'recipe', 'status')
 
 
 @dataclass(frozen=True)
@@ -20,9 +23,9 @@ class CatalogueEntry:
     dataset: str
     resolution: int
     num_classes: int
-    recipe: str
-    hub_id: str
+    recipe: str  # the command that produces the weights
     status: str
+    hub_id: Optional[str] = None  # published entries only
     metrics: Optional[Dict[str, float]] = None  # measured top-1/top-5 (%) of the published weights
     paper_top1: Optional[float] = None  # what the papers report for this architecture and data
     sha256: Optional[Dict[str, str]] = None  # of the published files, as hub/push.py printed them
@@ -42,8 +45,10 @@ def _entry(raw: dict, index: int) -> CatalogueEntry:
     entry = CatalogueEntry(**raw)
     if entry.status not in STATUSES:
         raise ValueError(f'{entry.name}: status must be one of {STATUSES}, got {entry.status!r}')
-    if entry.status == 'published' and not (entry.metrics and entry.sha256):
-        raise ValueError(f'{entry.name}: a published entry records its measured metrics and sha256')
+    if entry.status == 'published' and not (entry.metrics and entry.sha256 and entry.hub_id):
+        raise ValueError(f'{entry.name}: a published entry records its hub_id, measured metrics and sha256')
+    if entry.status != 'published' and entry.hub_id:
+        raise ValueError(f'{entry.name}: a {entry.status} entry is not on the Hub; drop its hub_id')
     return entry
 
 
@@ -56,10 +61,25 @@ def load_catalogue(path: Union[str, os.PathLike]) -> List[CatalogueEntry]:
     entries = [_entry(raw, i) for i, raw in enumerate(doc['models'])]
     seen = set()
     for entry in entries:
-        if (entry.hub_id, entry.name) in seen:
-            raise ValueError(f'{path}: {entry.name} ({entry.hub_id}) is listed twice')
-        seen.add((entry.hub_id, entry.name))
+        if entry.name in seen:
+            raise ValueError(f'{path}: {entry.name} is listed twice')
+        seen.add(entry.name)
     return entries
+
+
+def check_registry(entries: List[CatalogueEntry]) -> None:
+    """ValueError unless every published entry is a tag timm_gcp registers, with the entry's Hub id, and no converted
+    or planned entry is registered (timm would announce weights that cannot load)."""
+    registered = set(timm.list_pretrained())
+    for e in entries:
+        if e.status == 'published':
+            hub_id = timm.models.get_pretrained_cfg(e.name).hf_hub_id if e.name in registered else None
+            if hub_id != e.hub_id:
+                raise ValueError(f'{e.name} is published as {e.hub_id} but timm registers '
+                                 f'{hub_id or "no such tag"}: register the tag with that hf_hub_id')
+        elif e.name in registered:
+            raise ValueError(f'{e.name} is {e.status}, not on the Hub, yet registered with timm: '
+                             f'`pretrained=True` would fail; register it only once its weights are published')
 
 
 def recorded_sha256(entries: List[CatalogueEntry], hub_id: str) -> Dict[str, str]:
@@ -76,14 +96,22 @@ def _accuracy(entry: CatalogueEntry) -> str:
     return f"{entry.metrics['top1']:.2f} / {entry.metrics['top5']:.2f}"
 
 
+def _how_to_get(entry: CatalogueEntry) -> str:
+    if entry.status == 'published':
+        return f"`timm.create_model('{entry.name}', pretrained=True)` (Hub: `{entry.hub_id}`)"
+    if entry.status == 'converted':
+        return f'not on the Hub; convert it yourself: `{entry.recipe}`'
+    return f'not trained yet; train it yourself: `{entry.recipe}`'
+
+
 def render_table(entries: List[CatalogueEntry]) -> str:
     """The README's Markdown model table."""
-    lines = ['| model | meta-layer | dataset | res. | top-1 / top-5 (measured) | paper top-1 | status | Hub id |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| weights | meta-layer | dataset | res. | top-1 / top-5 (measured) | paper top-1 | how to get them |',
+             '|---|---|---|---|---|---|---|']
     for e in entries:
         paper = f'{e.paper_top1:.2f}' if e.paper_top1 is not None else '—'
         lines.append(f'| `{e.name}` | {e.meta_layer} | {e.dataset} | {e.resolution} | {_accuracy(e)} | {paper} | '
-                     f'{e.status} | `{e.hub_id}` |')
+                     f'{_how_to_get(e)} |')
     return '\n'.join(lines) + '\n'
 
 

@@ -3,6 +3,7 @@ import copy
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from timm.models import save_for_hf
 
 from ..layers import GCPPool
 from .model_card import CardInfo, build_model_card
+from .publishable import check_finite_metrics, check_finite_tensors, check_no_local_paths
 
 __all__ = ['export_model', 'export_model_args', 'EXPORT_FILES', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME']
 
@@ -23,6 +25,7 @@ CARD_NAME = 'README.md'
 EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 _RUNTIME_ARGS = ('num_classes', 'in_chans', 'global_pool', 'img_size')  # timm re-reads these from the model itself
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+_SOURCE_KEYS = ('tag', 'notes', 'origin_url', 'paper_ids', 'paper_name')  # they describe the weights a run starts from
 
 
 def export_model_args(model: nn.Module) -> Dict[str, Any]:
@@ -82,17 +85,49 @@ def _contiguous(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
 
+def _run_description(dataset: Optional[str], num_classes: int, img_size: int, base_model: Optional[str]) -> str:
+    """What an export's pretrained cfg says about the run that produced it."""
+    start = f'fine-tuned from {base_model}' if base_model else 'trained'
+    return f'{start} on {dataset or "an unnamed data set"} ({num_classes} classes) at {img_size} px'
+
+
+def _dataset_tag(dataset: Optional[str]) -> Optional[str]:
+    """timm-style tag of a data set name or Hub id ('org/Oxford-IIIT Pet' -> 'oxford_iiit_pet')."""
+    if not dataset:
+        return None
+    return re.sub(r'[^a-z0-9]+', '_', dataset.split('/')[-1].lower()).strip('_') or None
+
+
 def _save_weights_and_config(model: nn.Module, folder: Path, label_names: List[str], model_args: Dict[str, Any],
-                             data_config: Optional[Mapping[str, Any]]) -> None:
+                             data_config: Optional[Mapping[str, Any]], dataset: Optional[str],
+                             base_model: Optional[str]) -> Dict[str, Any]:
+    """save_for_hf, then a pretrained cfg that describes this run instead of the weights it started from."""
     model = _contiguous(model)
     native = 'data_config' in inspect.signature(save_for_hf).parameters  # timm >= 1.0.31
     save_for_hf(model, folder, model_config={'label_names': label_names}, model_args=model_args,
                 safe_serialization=True, **({'data_config': dict(data_config)} if native and data_config else {}))
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    cfg = config['pretrained_cfg']
     if data_config and not native:  # older timm: record the preprocessing overrides ourselves
-        config = json.loads((folder / CONFIG_NAME).read_text())
-        config['pretrained_cfg'].update({k: v for k, v in data_config.items() if k in _DATA_KEYS})
-        config['pretrained_cfg'].pop('test_input_size', None)
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        cfg.update({k: v for k, v in data_config.items() if k in _DATA_KEYS})
+        cfg.pop('test_input_size', None)
+    for key in _SOURCE_KEYS:
+        cfg.pop(key, None)
+    tag = _dataset_tag(dataset)
+    if tag:
+        cfg['tag'] = tag
+    cfg['description'] = _run_description(dataset, model.num_classes, cfg['input_size'][-1], base_model)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return config
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give `folder` and its files the modes mkdir() and open() would (mkdtemp and some writers use 0700/0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def export_model(
@@ -106,25 +141,31 @@ def export_model(
         dataset: Optional[str] = None,
         data_config: Optional[Mapping[str, Any]] = None,
         repo_id: Optional[str] = None,
+        base_model: Optional[str] = None,
 ) -> Path:
     """Write model.safetensors, config.json (timm format, label names, explicit model_args) and README.md.
 
-    The folder appears complete or not at all. `data_config` overrides the preprocessing recorded in config.json
-    (e.g. the 448 px fine-tuning size); `repo_id` fills the card's loading snippet (push.py fills it otherwise).
+    The folder appears complete or not at all; non-finite weights or metrics, and a local path or the user name in
+    a published text, are refused (ValueError) and leave an earlier export intact. `data_config` overrides the
+    preprocessing recorded in config.json (e.g. the 448 px fine-tuning size); `repo_id` fills the card's loading
+    snippet (push.py fills it otherwise); `base_model` is the Hub id of the weights the run started from.
     """
     output_dir = Path(output_dir)
     _check_label_names(model, label_names)
+    check_finite_tensors(model.state_dict().items(), f'{type(model).__name__} state dict')
+    check_finite_metrics(metrics or {}, 'metrics')
     _check_target(output_dir)
     model_args = export_model_args(model)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.tmp-'))
     try:
-        _save_weights_and_config(model, staged, list(label_names), model_args, data_config)
+        config = _save_weights_and_config(model, staged, list(label_names), model_args, data_config, dataset,
+                                          base_model)
         info = CardInfo(
             architecture=model.pretrained_cfg.get('architecture') or type(model).__name__.lower(),
             num_classes=model.num_classes,
             num_params=sum(p.numel() for p in model.parameters()),
-            input_size=tuple(json.loads((staged / CONFIG_NAME).read_text())['pretrained_cfg']['input_size']),
+            input_size=tuple(config['pretrained_cfg']['input_size']),
             model_args=model_args,
             meta_layer=_meta_layer_name(model),
             license=model.pretrained_cfg.get('license') or 'apache-2.0',
@@ -132,9 +173,13 @@ def export_model(
             metrics=metrics,
             recipe=recipe,
             command=command,
+            base_model=base_model,
             **({'repo_id': repo_id} if repo_id else {}),
         )
         build_model_card(info).save(staged / CARD_NAME)
+        for name in (CONFIG_NAME, CARD_NAME):
+            check_no_local_paths(name, (staged / name).read_text())
+        _honour_umask(staged)
         _replace_dir(staged, output_dir)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

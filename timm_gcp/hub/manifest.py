@@ -1,30 +1,21 @@
 """Checksums of a published folder: sha256 per file, recorded at push time and checked by verify."""
-import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Dict, Mapping, Tuple, Union
 
-__all__ = ['MANIFEST_NAME', 'file_digest', 'git_blob_oid', 'build_manifest', 'parse_manifest']
+from huggingface_hub.utils.sha import sha_fileobj
+
+__all__ = ['MANIFEST_NAME', 'file_digest', 'build_manifest', 'parse_manifest']
 
 MANIFEST_NAME = 'timm_gcp_manifest.json'
 MANIFEST_FORMAT = 1
 
 
 def file_digest(source: Union[bytes, Path]) -> Tuple[str, int]:
-    """(sha256 hex, size) of in-memory bytes or a file, read in chunks."""
-    if isinstance(source, bytes):
-        return hashlib.sha256(source).hexdigest(), len(source)
-    digest, size = hashlib.sha256(), 0
-    with open(source, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def git_blob_oid(data: bytes) -> str:
-    """Git blob id (sha1 of 'blob <len>\\0' + data): the Hub's oid for a file stored outside LFS."""
-    return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+    """(sha256 hex, size) of in-memory bytes or a file."""
+    with (io.BytesIO(source) if isinstance(source, bytes) else open(source, 'rb')) as f:
+        return sha_fileobj(f).hex(), f.tell()
 
 
 def build_manifest(files: Mapping[str, Union[bytes, Path]], **info: str) -> bytes:

@@ -31,6 +31,7 @@ class CardInfo:
     metrics: Optional[Mapping[str, Any]] = None
     recipe: Optional[Mapping[str, Any]] = None
     command: Optional[str] = None
+    base_model: Optional[str] = None  # Hub id of the weights the run started from
     repo_id: str = REPO_ID_PLACEHOLDER
 
 
@@ -53,6 +54,7 @@ def _card_data(info: CardInfo) -> ModelCardData:
         pipeline_tag='image-classification',
         tags=list(TAGS),
         license=info.license,
+        base_model=info.base_model,
         datasets=[info.dataset] if info.dataset else None,
         model_name=info.repo_id.split('/')[-1] if eval_results else None,
         eval_results=eval_results or None,
@@ -63,6 +65,8 @@ def _architecture_section(info: CardInfo) -> str:
     gcp_dim = info.model_args.get('gcp_dim')
     rows = [
         ('architecture', f'`{info.architecture}`'),
+        ('started from', f'[`{info.base_model}`](https://huggingface.co/{info.base_model})' if info.base_model
+         else 'no Hub weights (from scratch or a local file)'),
         ('meta-layer', f'`{info.meta_layer}`' if info.meta_layer else 'none (no covariance pooling head)'),
         ('GCP dimension', f'{gcp_dim} ({gcp_feature_dim(gcp_dim):,} features)' if gcp_dim else None),
         ('input size', ' x '.join(str(s) for s in info.input_size)),
@@ -86,7 +90,7 @@ def _usage_section(repo_id: str) -> str:
 
 ```python
 import timm
-import timm_gcp  # registers gcp_resnet*, gsop_resnet* with timm
+import timm_gcp  # registers the gcp_* / gsop_* architectures with timm
 
 model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
 data_config = timm.data.resolve_model_data_config(model)

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from .. import __version__
 from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, WEIGHTS_NAME
 from .manifest import MANIFEST_NAME, build_manifest
-from .model_card import REPO_ID_PLACEHOLDER
+from .model_card import REPO_ID_PLACEHOLDER, card_metrics
+from .publishable import check_finite_metrics, check_finite_tensors, check_no_local_paths
 
 __all__ = ['check_export_dir', 'check_repo_id', 'push_model', 'PushResult', 'redact_token', 'with_retries',
            'TRANSIENT_STATUS']
@@ -40,8 +41,13 @@ def check_repo_id(repo_id: str) -> None:
         raise ValueError(f'repo id must look like ORG/NAME, got {repo_id!r}')
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f'{CONFIG_NAME} holds the non-finite number {name}: refusing to publish it')
+
+
 def check_export_dir(folder: Union[str, Path]) -> dict:
-    """Validate an export folder without any network call; returns its config.json."""
+    """Validate an export folder without any network call (files, config, finite weights and metrics, no local
+    paths in the texts); returns its config.json."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f'{folder} is not a directory: expected an exported model folder (e.g. RUN_DIR/model)')
@@ -49,7 +55,8 @@ def check_export_dir(folder: Union[str, Path]) -> dict:
     if missing:
         raise ValueError(f'{folder} lacks {missing}; an export holds {list(EXPORT_FILES)} (see export_model)')
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
+        config_text = (folder / CONFIG_NAME).read_text()
+        config = json.loads(config_text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f'{folder / CONFIG_NAME} is not valid JSON: {e}') from e
     absent = [k for k in ('architecture', 'num_classes', 'pretrained_cfg') if k not in config]
@@ -67,11 +74,16 @@ def check_export_dir(folder: Union[str, Path]) -> dict:
             if classifier in f.keys() and f.get_slice(classifier).get_shape()[0] != config['num_classes']:
                 raise ValueError(f"{classifier} has {f.get_slice(classifier).get_shape()[0]} rows but config.json "
                                  f"says num_classes={config['num_classes']}")
+            check_finite_tensors(((k, f.get_tensor(k)) for k in f.keys()), str(folder / WEIGHTS_NAME))
     except (OSError, RuntimeError) as e:  # safetensors raises these for unreadable / truncated headers
         raise ValueError(f'{folder / WEIGHTS_NAME} is not a readable safetensors file: {e}') from e
-    card = ModelCard.load(folder / CARD_NAME)
+    card_text = (folder / CARD_NAME).read_text()
+    card = ModelCard(card_text)
     if card.data.library_name != 'timm':
         raise ValueError(f'{folder / CARD_NAME} metadata must say library_name: timm (found {card.data.library_name!r})')
+    check_finite_metrics(card_metrics(card), f'the model-index metrics of {folder / CARD_NAME}')
+    for name, text in ((CONFIG_NAME, config_text), (CARD_NAME, card_text)):
+        check_no_local_paths(name, text)
     return config
 
 

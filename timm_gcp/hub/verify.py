@@ -1,5 +1,5 @@
-"""Check a published repo end to end: checksums against the push manifest and the Hub's own object ids, loading
-through timm's `hf-hub:`, and (given data) the card's accuracy."""
+"""Verify a published repo (checksums against the push manifest and the Hub's object ids, `hf-hub:` loading) or a
+local export folder (files, config, `local-dir:` loading), and, given data, the card's accuracy."""
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -10,27 +10,28 @@ import timm
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils.sha import git_hash
 from safetensors.torch import load_file
 
 from .evaluate import evaluate_folder
 from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, WEIGHTS_NAME
-from .manifest import MANIFEST_NAME, file_digest, git_blob_oid, parse_manifest
+from .manifest import MANIFEST_NAME, file_digest, parse_manifest
 from .model_card import card_metrics
-from .push import check_repo_id
+from .push import check_export_dir, check_repo_id
 
-__all__ = ['verify_repo', 'VerificationError', 'VerifyReport']
+__all__ = ['verify_repo', 'verify_folder', 'VerificationError', 'VerifyReport']
 
 _UNTRACKED = ('.gitattributes', MANIFEST_NAME)
 
 
 class VerificationError(Exception):
-    """The repo does not match what was pushed, or its card."""
+    """The repo or folder does not match what was pushed or exported, or its card."""
 
 
 @dataclass
 class VerifyReport:
-    repo_id: str
-    commit: str
+    source: str  # the repo id, or the local folder
+    commit: Optional[str]  # None for a local folder
     sha256: Dict[str, str]
     measured: Dict[str, float] = field(default_factory=dict)
     card: Dict[str, float] = field(default_factory=dict)
@@ -41,7 +42,7 @@ def _check_object_id(name: str, path: Path, sha: str, entry: RepoFile) -> None:
     if entry.lfs is not None:
         if entry.lfs.sha256 != sha:
             raise VerificationError(f'{name}: Hub LFS sha256 {entry.lfs.sha256} != downloaded {sha}')
-    elif entry.blob_id != git_blob_oid(path.read_bytes()):
+    elif entry.blob_id != git_hash(path.read_bytes()):
         raise VerificationError(f'{name}: Hub git oid {entry.blob_id} does not match the downloaded bytes')
 
 
@@ -70,13 +71,53 @@ def _check_checksums(local: Path, tree: Dict[str, RepoFile]) -> Dict[str, str]:
     return {name: entry['sha256'] for name, entry in manifest.items()}
 
 
-def _check_weights_loaded(model: torch.nn.Module, weights: Path) -> None:
-    expected = load_file(str(weights))
+def _check_export(folder: Path) -> None:
+    try:
+        check_export_dir(folder)
+    except ValueError as e:
+        raise VerificationError(str(e)) from e
+
+
+def _check_model(report: VerifyReport, model_name: str, folder: Path, data_dir: Optional[Union[str, Path]],
+                 tolerance: float, batch_size: int, hflip_average: bool, **create_kwargs) -> None:
+    """Load `model_name` as timm does, compare with `folder`'s weights bit for bit, and with `data_dir` re-evaluate
+    and compare with the card's top-1/top-5 (filled into `report`)."""
+    model = timm.create_model(model_name, pretrained=True, **create_kwargs).eval()
+    expected = load_file(str(folder / WEIGHTS_NAME))
     state = model.state_dict()
     differ = sorted(k for k, v in expected.items() if k not in state or not torch.equal(state[k], v))
     if differ or set(state) - set(expected):
-        raise VerificationError(f"hf-hub: loading did not reproduce {WEIGHTS_NAME}: differing {differ[:5]}, "
-                                f"missing {sorted(set(state) - set(expected))[:5]}")
+        raise VerificationError(f"{model_name.split(':')[0]}: loading did not reproduce {WEIGHTS_NAME}: differing "
+                                f"{differ[:5]}, missing {sorted(set(state) - set(expected))[:5]}")
+    report.card = card_metrics(ModelCard.load(folder / CARD_NAME))
+    if data_dir is None:
+        return
+    if not report.card:
+        raise VerificationError(f'{CARD_NAME} has no model-index top-1/top-5 to compare with')
+    label_names = json.loads((folder / CONFIG_NAME).read_text()).get('label_names')
+    report.measured = evaluate_folder(model, data_dir, label_names, batch_size, hflip_average)
+    for key, expected_value in report.card.items():
+        if abs(report.measured[key] - expected_value) > tolerance:
+            raise VerificationError(
+                f'{key}: re-evaluated {report.measured[key]:.2f}% on {data_dir} vs card {expected_value:.2f}% '
+                f'(tolerance {tolerance} points)')
+
+
+def verify_folder(
+        folder: Union[str, Path],
+        *,
+        data_dir: Optional[Union[str, Path]] = None,
+        tolerance: float = 0.5,
+        batch_size: int = 32,
+        hflip_average: bool = False,
+) -> VerifyReport:
+    """Check a local export before publishing it: what push checks (files, config, finite weights and metrics, no
+    local paths), `local-dir:` loading bit-identical to its weights and, with `data_dir`, the card's accuracy."""
+    folder = Path(folder)
+    _check_export(folder)
+    report = VerifyReport(str(folder), None, {name: file_digest(folder / name)[0] for name in EXPORT_FILES})
+    _check_model(report, f'local-dir:{folder}', folder, data_dir, tolerance, batch_size, hflip_average)
+    return report
 
 
 def verify_repo(
@@ -103,20 +144,11 @@ def verify_repo(
         tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                 if isinstance(f, RepoFile)}
         sha256 = _check_checksums(local, tree)
+        _check_export(local)
         for name, sha in (expected_sha256 or {}).items():
             if sha256.get(name) != sha:
                 raise VerificationError(f'{name}: sha256 {sha256.get(name)} differs from the expected {sha}')
-        model = timm.create_model(f'hf-hub:{repo_id}@{commit}', pretrained=True, cache_dir=cache).eval()
-        _check_weights_loaded(model, local / WEIGHTS_NAME)
-        report = VerifyReport(repo_id, commit, sha256, card=card_metrics(ModelCard.load(local / CARD_NAME)))
-        if data_dir is not None:
-            if not report.card:
-                raise VerificationError(f'{CARD_NAME} has no model-index top-1/top-5 to compare with')
-            label_names = json.loads((local / CONFIG_NAME).read_text()).get('label_names')
-            report.measured = evaluate_folder(model, data_dir, label_names, batch_size, hflip_average)
-            for key, expected in report.card.items():
-                if abs(report.measured[key] - expected) > tolerance:
-                    raise VerificationError(
-                        f'{key}: re-evaluated {report.measured[key]:.2f}% on {data_dir} vs card {expected:.2f}% '
-                        f'(tolerance {tolerance} points)')
+        report = VerifyReport(repo_id, commit, sha256)
+        _check_model(report, f'hf-hub:{repo_id}@{commit}', local, data_dir, tolerance, batch_size, hflip_average,
+                     cache_dir=cache)
     return report
