@@ -6,93 +6,123 @@
     accelerate launch train.py --recipe imagenet_65ep --data-dir IMAGENET --model gcp_resnet50
 
 Run directory (--output): metrics.json, curves.png, checkpoints/, logs/ (TensorBoard), model/ (Hub-ready).
+User errors end with one line on stderr and an exit code per kind (timm_gcp.training.errors); --debug (or
+TIMM_GCP_DEBUG=1) shows their traceback.
 """
 import json
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from timm.utils import ModelEmaV3
 
 import timm_gcp  # noqa: F401  (registers the GCP models with timm)
 from timm_gcp.hub import export_model
 from timm_gcp.training import (
-    Checkpointer, StopSignal, TrainComponents, TrainState, base_lr, card_metrics, check_compatible,
-    check_meta_layer_switch, command_line, consolidate_counters, create_dataloader, create_datasets, create_loss,
-    create_train_model, create_train_optimizer, create_train_scheduler, create_transforms, dataset_name,
-    effective_flags, evaluate, find_checkpoint, parse_args, parse_meta_layer_switch, plain_model, read_train_state,
-    resolve_run_dir, scalar_flags, set_meta_layer, train_one_epoch, write_run_metrics)
+    DEFAULT_RECIPE, EXIT_DATA, EXIT_OUTPUT_IN_USE, EXIT_USAGE, Checkpointer, CheckpointError, OutputInUse, RunLock, StopSignal,
+    TrainComponents, TrainState, TrainingDiverged, base_lr, card_metrics, check_compatible, check_input_size,
+    check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters, create_dataloader,
+    create_datasets, create_loss, create_train_model, create_train_optimizer, create_train_scheduler,
+    create_transforms, dataset_name, evaluate, exit_code_of, finite_or_none, load_ema, nonfinite_tensors, parse_args,
+    parse_meta_layer_switch, public_command, public_flags, resolve_run_dir, scalar_flags, select_checkpoint,
+    set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # ---- config ------------------------------------------------------------------------------------------------------
-    args = parse_args(argv)
-    switch = parse_meta_layer_switch(args.switch_meta_layer)
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    with user_errors(EXIT_USAGE):
+        args = parse_args(argv)
+        switch = parse_meta_layer_switch(args.switch_meta_layer)
+    checkpoint, state, skipped = select_checkpoint(args.resume) if args.resume else (None, None, [])
     run_dir = resolve_run_dir(args, checkpoint)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
         log_with=None if args.log_with == 'none' else args.log_with, project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    for note in skipped:
+        accelerator.print(note, flush=True)
+    if skipped:
+        accelerator.print(f'resuming from the older intact checkpoint {checkpoint}', flush=True)
+    with _own_run_dir(accelerator, run_dir, resuming=checkpoint is not None):
+        return _train(args, argv, switch, accelerator, run_dir, checkpoint, state)
+
+
+def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accelerator, run_dir: Path,
+           checkpoint: Optional[Path], state: Optional[TrainState]) -> Dict[str, Any]:
     set_seed(args.seed)
+    accelerator.print(f'recipe: {args.recipe}' + (' (the bundled demo: no --data-dir, --dataset, --recipe or -c '
+                                                  'given)' if args.recipe == DEFAULT_RECIPE else ''), flush=True)
 
     # ---- data (checked before anything is built) -------------------------------------------------------------------
-    data = create_datasets(args.data_dir, args.dataset, args.train_split, args.val_split, seed=args.seed)
-    num_classes = args.num_classes or len(data.class_names)
-    if num_classes < len(data.class_names):
-        raise ValueError(f'--num-classes {num_classes} is fewer than the {len(data.class_names)} classes in the data')
+    with user_errors(EXIT_DATA):
+        data = create_datasets(args.data_dir, args.dataset, args.train_split, args.val_split, seed=args.seed,
+                               max_image_pixels=args.max_image_pixels)
+    with user_errors(EXIT_USAGE):
+        num_classes = args.num_classes or len(data.class_names)
+        if num_classes < len(data.class_names):
+            raise ValueError(f'--num-classes {num_classes} is fewer than the {len(data.class_names)} classes in the '
+                             f'data')
 
-    # ---- model -------------------------------------------------------------------------------------------------------
-    model = create_train_model(args.model, num_classes, args.pretrained, args.model_kwargs, args.drop,
-                               args.drop_path, args.initial_checkpoint, args.backbone_weights)
-    if switch:
-        check_meta_layer_switch(model, switch[0])
-    compat = json.loads(json.dumps({'model': args.model, 'num_classes': num_classes,  # as a checkpoint holds it
-                                     'class_names': data.class_names, 'model_kwargs': args.model_kwargs}))
-    state = read_train_state(checkpoint, accelerator) if checkpoint else TrainState(compat=compat)
+        # ---- model, transforms, loaders, loss (every flag checked before any file is written) ------------------------
+        model = create_train_model(args.model, num_classes, args.pretrained, args.model_kwargs, args.drop,
+                                   args.drop_path, args.initial_checkpoint, args.backbone_weights)
+        if switch:
+            check_meta_layer_switch(model, switch[0])
+        data.train.transform, data.val.transform, data_config = create_transforms(model, vars(args))
+        check_input_size(model, data_config['input_size'], args.model)
+        train_loader = create_dataloader(data.train, args.batch_size, True, args.workers, args.seed)
+        val_loader = create_dataloader(data.val, args.validation_batch_size or args.batch_size, False, args.workers,
+                                       args.seed)
+        loss_fn, mixup = create_loss(args, num_classes)
+    compat = json.loads(json.dumps({  # what the saved position means, as a checkpoint holds it
+        'model': args.model, 'num_classes': num_classes, 'class_names': data.class_names,
+        'model_kwargs': args.model_kwargs, 'train_images': len(data.train), 'batch_size': args.batch_size,
+        'num_processes': accelerator.num_processes, 'grad_accum_steps': args.grad_accum_steps}))
+    command = command_line(argv)
     if checkpoint:
         check_compatible(state.compat, compat, checkpoint)
+        if state.epoch > args.epochs:
+            raise CheckpointError(f'checkpoint {checkpoint} is at epoch {state.epoch}, past --epochs {args.epochs}')
+        if not accelerator.is_main_process:
+            state.reset_counters()  # the checkpoint holds the sum over processes: the main process keeps it
+        command = state.command or command  # the command that started the run
+    else:
+        state = TrainState(compat=compat, command=command)
     if state.meta_layer:
         set_meta_layer([model], state.meta_layer)
-    data.train.transform, data.val.transform, data_config = create_transforms(model, vars(args))
-    train_loader = create_dataloader(data.train, args.batch_size, True, args.workers, args.seed)
-    val_loader = create_dataloader(data.val, args.validation_batch_size or args.batch_size, False, args.workers,
-                                   args.seed)
-    loss_fn, mixup = create_loss(args, num_classes)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     # ---- optimizer and schedule (the timm scheduler is stepped here, once per update: never prepared) --------------
-    optimizer = create_train_optimizer(model, args)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    if len(train_loader) == 0:
-        raise ValueError(f'{len(data.train)} training images give no full batch of {args.batch_size} per process')
-    scheduler = create_train_scheduler(optimizer, args, math.ceil(len(train_loader) / args.grad_accum_steps))
-    accelerator.register_for_checkpointing(scheduler)
-    ema = None
-    if args.model_ema:
-        ema = ModelEmaV3(plain_model(accelerator, model), decay=args.model_ema_decay)
-        accelerator.register_for_checkpointing(ema)
+    with user_errors(EXIT_USAGE):
+        optimizer = create_train_optimizer(model, args)
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        if len(train_loader) == 0:
+            raise ValueError(f'{len(data.train)} training images give no full batch of {args.batch_size} per process')
+        scheduler = create_train_scheduler(optimizer, args, math.ceil(len(train_loader) / args.grad_accum_steps))
+    bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema = ModelEmaV3(bare, decay=args.model_ema_decay) if args.model_ema else None
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
     parts = TrainComponents(accelerator, model, optimizer, scheduler, loss_fn, mixup, ema, args.clip_grad,
-                            args.channels_last)
+                            args.channels_last, args.max_nonfinite_updates)
 
-    # ---- resume ------------------------------------------------------------------------------------------------------
+    # ---- resume (every file was validated: nothing below unpickles more than tensors) ----------------------------
     if checkpoint:
         accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            load_ema(ema, checkpoint)
+        scheduler.step_update(num_updates=state.updates)  # rebuilt from the flags: a longer --epochs applies
         accelerator.print(f'resumed from {checkpoint}: epoch {state.epoch}, batch {state.batches_done}, '
                           f'update {state.updates}')
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    checkpointer = Checkpointer(accelerator, run_dir, args.checkpoint_hist)
-    command = command_line(argv)
+    checkpointer = Checkpointer(accelerator, run_dir, args.checkpoint_hist, ema, last=checkpoint)
     accelerator.init_trackers('logs', config=scalar_flags(args))
     metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
 
@@ -104,54 +134,64 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                   f'update {state.updates} lr {base_lr(optimizer):.3g}', flush=True)
             stopping = stop.received_anywhere(accelerator)
             if stopping or (args.checkpoint_interval and state.updates % args.checkpoint_interval == 0):
+                _check_finite(bare, f'at epoch {state.epoch} update {state.updates}')
                 checkpointer.save(state)
             return stopping
 
-        for epoch in range(state.epoch, args.epochs):
-            if switch and epoch >= switch[1] and state.meta_layer != switch[0]:
-                state.meta_layer = switch[0]
-                set_meta_layer([plain_model(accelerator, model), ema.module if ema else None], switch[0])
-                accelerator.print(f'epoch {epoch}: meta-layer switched to {switch[0]}')
-            scheduler.step(epoch)
-            data.train.set_epoch(epoch)
-            train_loader.set_epoch(epoch)
-            start = time.time()
-            loader = train_loader
-            if state.batches_done:
-                loader = accelerator.skip_first_batches(train_loader, state.batches_done)
-            train_one_epoch(parts, loader, state, len(train_loader), on_update, not args.no_progress)
-            if stop.received_anywhere(accelerator):
-                _exit_interrupted(accelerator, run_dir, command, stop.received)
+        try:
+            for epoch in range(state.epoch, args.epochs):
+                if switch and epoch >= switch[1] and state.meta_layer != switch[0]:
+                    state.meta_layer = switch[0]
+                    set_meta_layer([bare, ema.module if ema else None], switch[0])
+                    accelerator.print(f'epoch {epoch}: meta-layer switched to {switch[0]}')
+                scheduler.step(epoch)
+                data.train.set_epoch(epoch)
+                train_loader.set_epoch(epoch)
+                start = time.time()
+                loader = train_loader
+                if state.batches_done:
+                    loader = accelerator.skip_first_batches(train_loader, state.batches_done)
+                train_one_epoch(parts, loader, state, len(train_loader), on_update, not args.no_progress)
+                if stop.received_anywhere(accelerator):
+                    _exit_interrupted(accelerator, run_dir, command, stop.received)
+                _check_finite(bare, f'at the end of epoch {epoch} update {state.updates}')
 
-            # ---- evaluation ------------------------------------------------------------------------------------------
-            consolidate_counters(accelerator, state)
-            row = {'epoch': epoch, 'lr': base_lr(optimizer), 'meta_layer': state.meta_layer,
-                   'train_loss': state.train_loss_sum / max(state.train_samples, 1),
-                   'train_images': state.train_samples, 'unreadable_train': state.unreadable_train}
-            row.update(evaluate(accelerator, model, val_loader, args.flip_test, args.channels_last,
-                                not args.no_progress))
-            if ema is not None:
-                row.update({f'raw_{k}': row[k] for k in ('val_loss', 'top1', 'top5')})
-                row.update(evaluate(accelerator, ema.module, val_loader, args.flip_test, args.channels_last,
+                # ---- evaluation --------------------------------------------------------------------------------------
+                consolidate_counters(accelerator, state)
+                row = {'epoch': epoch, 'lr': base_lr(optimizer),
+                       'meta_layer': state.meta_layer or getattr(bare, 'meta_layer_name', None),
+                       'train_loss': state.train_loss_sum / max(state.train_samples, 1),
+                       'train_images': state.train_samples, 'unreadable_train': state.unreadable_train}
+                row.update(evaluate(accelerator, model, val_loader, args.flip_test, args.channels_last,
                                     not args.no_progress))
-            row['epoch_time_s'] = round(time.time() - start, 2)
-            state.history.append(row)
-            state.epoch, state.batches_done = epoch + 1, 0
-            state.reset_counters()
-            checkpointer.save(state)
-            metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
-            accelerator.print(f'epoch {epoch}: train loss {row["train_loss"]:.4f} | val loss {row["val_loss"]:.4f} '
-                              f'top-1 {row["top1"]:.2f} top-5 {row["top5"]:.2f} ({row["val_images"]} images) | '
-                              f'lr {row["lr"]:.3g} | {row["epoch_time_s"]:.1f}s', flush=True)
+                if ema is not None:
+                    row.update({f'raw_{k}': row[k] for k in ('val_loss', 'top1', 'top5')})
+                    row.update(evaluate(accelerator, ema.module, val_loader, args.flip_test, args.channels_last,
+                                        not args.no_progress))
+                row['epoch_time_s'] = round(time.time() - start, 2)
+                state.history.append(finite_or_none(row))
+                state.epoch, state.batches_done = epoch + 1, 0
+                state.reset_counters()
+                checkpointer.save(state)
+                metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+                accelerator.print(f'epoch {epoch}: train loss {row["train_loss"]:.4f} | val loss '
+                                  f'{row["val_loss"]:.4f} top-1 {row["top1"]:.2f} top-5 {row["top5"]:.2f} '
+                                  f'({row["val_images"]} images) | lr {row["lr"]:.3g} | '
+                                  f'{row["epoch_time_s"]:.1f}s', flush=True)
+        except TrainingDiverged as err:
+            accelerator.end_training()
+            raise TrainingDiverged(f'{err}; last good checkpoint: '
+                                   f'{checkpointer.last or "none (try a lower --lr or --clip-grad)"}') from None
 
     # ---- export ------------------------------------------------------------------------------------------------------
-    final_model = ema.module if ema is not None else plain_model(accelerator, model)
+    final_model = ema.module if ema is not None else bare
     model_dir = run_dir / 'model'
     if accelerator.is_main_process:
+        _check_finite(final_model, 'in the final weights')
         export_model(final_model, model_dir, label_names=data.class_names, metrics=card_metrics(metrics),
-                     recipe=effective_flags(args), command=command, dataset=dataset_name(args),
-                     data_config=data_config)
+                     recipe=public_flags(args), command=public_command(command), dataset=dataset_name(args),
+                     data_config=data_config, base_model=_base_model(args, bare))
         final, best = metrics['final'], metrics['best']
         accelerator.print(f'final (epoch {final["epoch"]}): top-1 {final["top1"]:.2f} top-5 {final["top5"]:.2f}; '
                           f'best (epoch {best["epoch"]}): top-1 {best["top1"]:.2f} top-5 {best["top5"]:.2f}')
@@ -162,11 +202,66 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return {'run_dir': run_dir, 'metrics': metrics, 'model': final_model, 'data_config': data_config}
 
 
+@contextmanager
+def _own_run_dir(accelerator: Accelerator, run_dir: Path, resuming: bool) -> Iterator[None]:
+    """Hold the run folder's lock (taken by the main process) for the body; fail at once if another run holds it."""
+    lock = RunLock(run_dir)
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            with user_errors(EXIT_OUTPUT_IN_USE, (FileExistsError,)):
+                lock.acquire()
+                check_run_dir_free(run_dir, resuming)
+        except (OutputInUse, FileExistsError) as err:
+            lock.release()
+            refusal = err
+    if accelerator.num_processes > 1:
+        message = broadcast_object_list([None if refusal is None else str(refusal)])[0]
+        if refusal is None and message is not None:
+            refusal = OutputInUse(message)
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_finite(model: torch.nn.Module, where: str) -> None:
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise TrainingDiverged(f'training diverged: {len(bad)} tensors non-finite {where} '
+                               f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
+
+
+def _base_model(args: Any, model: torch.nn.Module) -> Optional[str]:
+    """The Hub repo of the weights the run started from (None: from scratch or a local file)."""
+    return getattr(model, 'pretrained_cfg', {}).get('hf_hub_id') if args.pretrained else None
+
+
 def _exit_interrupted(accelerator: Accelerator, run_dir: Path, command: str, signum: Optional[int]) -> None:
-    accelerator.print(f'interrupted: checkpoint saved; continue with: {command} --resume {run_dir}', flush=True)
     accelerator.end_training()
+    accelerator.print(f'interrupted: checkpoint saved; continue with: {command} --resume {run_dir}', flush=True)
     sys.exit(128 + (signum or 2))
 
 
+def cli(argv: Optional[List[str]] = None) -> int:
+    """main() for the command line: a user error becomes one line on stderr and its exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = '--debug' in args or os.environ.get('TIMM_GCP_DEBUG', '') not in ('', '0')
+    try:
+        main(argv)
+    except KeyboardInterrupt:  # before the training loop handles signals
+        print('train.py: interrupted', file=sys.stderr)
+        return 128 + 2
+    except Exception as err:
+        code = exit_code_of(err)
+        if code is None or debug:
+            raise
+        print(f'train.py: error: {err}', file=sys.stderr)
+        return code
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(cli())

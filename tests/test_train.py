@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import timm_gcp  # noqa: F401
 from timm_gcp.meta_layers import MetaLayer, is_meta_layer, register_meta_layer
-from timm_gcp.training import read_train_state
+from timm_gcp.training import CheckpointError, read_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--recipe', 'none', '--model', 'gcp_resnet18', '--model-kwargs', 'gcp_dim=8', '--img-size', '32', '-b', '4',
@@ -181,19 +181,11 @@ def test_errors_before_any_work(run_train, flowers, tmp_path):
         run_train(*base, '--data-dir', flowers, '--mixup', '0.2', '-b', '3', '--output', tmp_path / 'r4')
     with pytest.raises(ValueError, match='fewer than one batch'):
         run_train(*base, '--data-dir', flowers, '-b', '64', '--output', tmp_path / 'r5')
-    # a run folder that already holds a run, and an incompatible checkpoint
-    fake = tmp_path / 'old' / 'checkpoints' / 'checkpoint-u000000004-e0001'
-    fake.mkdir(parents=True)
-    state = {'epoch': 1, 'updates': 4, 'compat': {'model': 'gcp_resnet18', 'num_classes': 3,
-                                                   'class_names': ['x', 'y', 'z'], 'model_kwargs': {'gcp_dim': 8}}}
-    (fake / 'trainer_state.json').write_text(json.dumps(state))
-    with pytest.raises(FileExistsError, match='already holds a run'):
-        run_train(*base, '--data-dir', flowers, '--output', tmp_path / 'old')
-    with pytest.raises(ValueError, match=r"incompatible with this run \(class_names: checkpoint \['x', 'y', 'z'\]"):
-        run_train(*base, '--data-dir', flowers, '--resume', tmp_path / 'old')
-    with pytest.raises(FileNotFoundError, match='no checkpoint found'):
+    with pytest.raises(ValueError, match=r'cannot run at input size \(3, 8, 8\) \(--img-size too small\?\)'):
+        run_train(*base, '--data-dir', flowers, '--img-size', '8', '--output', tmp_path / 'r6')
+    with pytest.raises(CheckpointError, match='no checkpoint found'):
         run_train(*base, '--data-dir', flowers, '--resume', tmp_path / 'r5')
-    assert not any((tmp_path / f'r{i}').exists() for i in range(6))  # failed runs leave no run folder behind
+    assert not any((tmp_path / f'r{i}').exists() for i in range(7))  # failed runs leave no run folder behind
 
 
 def _start(args, cwd=ROOT, launcher=(sys.executable,)):

@@ -1,11 +1,18 @@
-"""Checkpoint folders: atomic naming, pruning, stale futures after resuming from an earlier checkpoint."""
+"""Checkpoint folders: atomic naming, pruning, stale futures after resuming from an earlier checkpoint, validation
+of every file, fallback to the newest intact checkpoint, files that cannot run code."""
+import json
+import os
+import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from timm_gcp.training import (
-    Checkpointer, TrainState, check_compatible, consolidate_counters, find_checkpoint, read_train_state)
+    Checkpointer, CheckpointError, TrainState, check_compatible, consolidate_counters, find_checkpoint,
+    read_train_state, select_checkpoint, validate_checkpoint)
 
 
 class OneProcess:
@@ -20,8 +27,11 @@ class OneProcess:
     def wait_for_everyone(self):
         pass
 
-    def save_state(self, output_dir):
-        (Path(output_dir) / 'model.safetensors').write_bytes(b'weights')
+    def save_state(self, output_dir):  # the files accelerate writes, with the loaders it reads them with
+        save_file({'w': torch.ones(3)}, str(Path(output_dir) / 'model.safetensors'))
+        torch.save({'state': {}, 'param_groups': []}, Path(output_dir) / 'optimizer.bin')
+        torch.save({'random_state': (3, (1, 2), None), 'numpy_random_seed': ('MT19937', [1, 2], 0, 0, 0.0),
+                    'torch_manual_seed': torch.get_rng_state()}, Path(output_dir) / 'random_states_0.pkl')
 
 
 def _names(run_dir):
@@ -51,7 +61,7 @@ def test_resuming_from_an_earlier_checkpoint_drops_its_stale_future(tmp_path):
 def test_incompatible_checkpoint_names_every_difference(tmp_path):
     saved = {'model': 'gcp_resnet50', 'num_classes': 200, 'model_kwargs': {}}
     check_compatible(saved, dict(saved), tmp_path)
-    with pytest.raises(ValueError, match=r"model: checkpoint 'gcp_resnet50', this run 'gcp_resnet18'; "
+    with pytest.raises(CheckpointError, match=r"model: checkpoint 'gcp_resnet50', this run 'gcp_resnet18'; "
                                          r"num_classes: checkpoint 200, this run 37"):
         check_compatible(saved, {'model': 'gcp_resnet18', 'num_classes': 37, 'model_kwargs': {}}, tmp_path)
 
@@ -77,3 +87,77 @@ def test_resumed_counters_are_counted_once_across_processes(tmp_path):
     other.train_samples = 4                                       # batches seen after the resume
     consolidate_counters(SecondOfTwo(), other)
     assert other.train_samples == 0                               # only the main process keeps the total
+
+
+class Touch:
+    """Unpickling this creates `marker`: proof that a loader ran code from a checkpoint."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize('name', ['model.safetensors', 'optimizer.bin', 'random_states_0.pkl', 'trainer_state.json',
+                                  'custom_checkpoint_0.pkl'])  # the last: the scheduler state train.py used to pickle
+def test_a_pickle_planted_in_any_checkpoint_file_never_runs(tmp_path, name):
+    checkpoint = Checkpointer(OneProcess(), tmp_path).save(TrainState(updates=2))
+    marker = tmp_path / 'code-ran'
+    planted = pickle.dumps(Touch(marker))
+    (checkpoint / name).write_bytes(planted)
+    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint / name))):
+        select_checkpoint(str(tmp_path))
+    assert not marker.exists()
+    pickle.loads(planted)  # the planted bytes do run code under plain pickle
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('damage', ['zeros', 'truncated', 'missing'])
+@pytest.mark.parametrize('name', ['model.safetensors', 'optimizer.bin', 'random_states_0.pkl', 'trainer_state.json'])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_intact_one(tmp_path, name, damage):
+    saver = Checkpointer(OneProcess(), tmp_path, keep=3)
+    older = saver.save(TrainState(updates=2))
+    latest = saver.save(TrainState(updates=4))
+    path = latest / name
+    if damage == 'zeros':
+        path.write_bytes(bytes(path.stat().st_size))
+    elif damage == 'truncated':
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    else:
+        path.unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        validate_checkpoint(latest)
+    chosen, state, skipped = select_checkpoint(str(tmp_path))
+    assert chosen == older and state.updates == 2
+    if (latest / 'trainer_state.json').exists():  # else the folder is no checkpoint at all
+        assert len(skipped) == 1 and str(path) in skipped[0]
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):  # asked for by name: an error
+            select_checkpoint(str(latest))
+
+
+def test_a_checkpoint_records_and_checks_every_file(tmp_path):
+    checkpoint = Checkpointer(OneProcess(), tmp_path).save(TrainState(updates=2))
+    files = json.loads((checkpoint / 'trainer_state.json').read_text())['files']
+    assert sorted(files) == ['model.safetensors', 'optimizer.bin', 'random_states_0.pkl']
+    torch.save({'state': {}, 'param_groups': [{'lr': 1.0}]}, checkpoint / 'optimizer.bin')  # valid, but not ours
+    with pytest.raises(CheckpointError, match='optimizer.bin is corrupt: its size or SHA-256 differs'):
+        validate_checkpoint(checkpoint)
+
+
+def test_a_random_state_without_the_generators_is_an_error(tmp_path):
+    checkpoint = Checkpointer(OneProcess(), tmp_path).save(TrainState(updates=2))
+    state = json.loads((checkpoint / 'trainer_state.json').read_text())
+    torch.save({'step': 0}, checkpoint / 'random_states_0.pkl')
+    state['files'].pop('random_states_0.pkl')
+    (checkpoint / 'trainer_state.json').write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match='random_states_0.pkl cannot be read safely: expected a mapping'):
+        validate_checkpoint(checkpoint)
+
+
+def test_checkpoint_files_get_the_users_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        checkpoint = Checkpointer(OneProcess(), tmp_path).save(TrainState(updates=2))
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in checkpoint.iterdir()} == {oct(0o644)}

@@ -7,8 +7,8 @@ from torchvision import transforms as T
 
 import timm_gcp  # noqa: F401
 from timm_gcp.training import (
-    DEFAULT_RECIPE, create_train_optimizer, create_train_scheduler, create_transforms, list_recipes, load_recipe,
-    param_groups, parse_args, parse_meta_layer_switch)
+    DEFAULT_RECIPE, build_parser, command_line, create_train_optimizer, create_train_scheduler, create_transforms,
+    list_recipes, load_recipe, param_groups, parse_args, parse_meta_layer_switch, public_command, public_flags)
 
 
 def _lr_per_epoch(args):
@@ -70,6 +70,38 @@ def test_default_recipe_points_at_bundled_data():
     assert args.model.startswith('gcp_')
 
 
+def test_a_users_data_never_inherits_the_demo_recipe(tmp_path):
+    args = parse_args(['--data-dir', str(tmp_path), '--model', 'gcp_resnet18'])
+    assert args.recipe == 'none'
+    assert (args.img_size, args.model_kwargs, args.epochs, args.warmup_epochs) == (None, {}, 300, 0)
+    assert parse_args(['--dataset', 'hfds/org/pets']).recipe == 'none'
+    assert parse_args(['--epochs', '1']).recipe == DEFAULT_RECIPE        # no data named: the demo
+    assert parse_args(['--data-dir', str(tmp_path), '--recipe', DEFAULT_RECIPE]).img_size == 64  # asked for
+
+
+def test_help_shows_defaults():
+    text = ' '.join(build_parser().format_help().split())
+    for expected in ('(default: 0.1)', '(default: 300)', '(default: sgd)',
+                     '--max-image-pixels', '(default: 89478485)'):
+        assert expected in text, expected
+
+
+def test_published_flags_and_command_hold_no_local_paths(tmp_path):
+    secret = tmp_path / 'home-of-jdoe'
+    data, out = secret / 'datasets' / 'cub', secret / 'runs' / 'r1'
+    data.mkdir(parents=True)
+    (secret / 'cfg.yaml').write_text('lr: 0.5\n')
+    argv = ['--data-dir', str(data), '--model', 'gcp_resnet18', f'--output={out}', '-c', str(secret / 'cfg.yaml'),
+            '--resume', str(out), '--backbone-weights', 'resnet18.a1_in1k', '--model-kwargs', 'gcp_dim=8']
+    command = public_command(command_line(argv))
+    assert command == ('python train.py --data-dir cub --model gcp_resnet18 -c cfg.yaml --backbone-weights '
+                       'resnet18.a1_in1k --model-kwargs gcp_dim=8')
+    flags = public_flags(parse_args(argv))
+    assert flags['data_dir'] == 'cub' and flags['lr'] == 0.5 and flags['model_kwargs'] == {'gcp_dim': 8}
+    assert not {'output', 'resume', 'config'} & set(flags)
+    assert 'home-of-jdoe' not in repr(flags) and 'home-of-jdoe' not in command
+
+
 def test_bad_config_inputs(tmp_path):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('learning_rate: 0.1\n')
@@ -127,3 +159,13 @@ def test_finegrained_transforms_are_resize_centre_crop():
                            T.ToTensor(), T.Normalize(cfg['mean'], cfg['std'])])(img)
     torch.testing.assert_close(eval_tf(img), reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(train_tf(img), reference, rtol=0, atol=0.05)  # crop-then-resize: interpolation only
+
+
+def test_finegrained_convnext_recipe():
+    args = parse_args(['--recipe', 'finegrained_convnext_448', '--data-dir', '/data/cub'])
+    assert timm.is_model(args.model) and args.model.startswith('gcp_convnext')
+    assert (args.img_size, args.opt, args.sched, args.pretrained) == (448, 'adamw', 'cosine', True)
+    assert args.interpolation == '' and args.crop_pct == 1.0            # mean/std/interpolation: the tag's own
+    lrs = _lr_per_epoch(args)
+    assert lrs[0] == pytest.approx(1e-6) and max(lrs) == pytest.approx(1e-4, rel=1e-2)  # warm-up to the peak
+    assert lrs[-1] < 2e-6 and lrs == sorted(lrs[:3]) + lrs[3:]                          # cosine down to min_lr

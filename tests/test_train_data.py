@@ -1,5 +1,9 @@
-"""Training data: folder checks, RGB conversion, unreadable images, per-sample augmentation seeds, HF datasets."""
+"""Training data: folder checks, RGB conversion, unreadable images (decompression bombs and the pixel limit too),
+per-sample augmentation seeds, HF datasets."""
+import logging
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +83,42 @@ def test_unreadable_images_skipped_and_flagged(tmp_path):
     val = [data.val[i] for i in range(len(data.val))]
     assert [s[2] for s in val] == [0, 0, 0, 1, 0, 0]                 # placeholder, flagged for evaluation to skip
     assert val[3][0].shape == (3, 16, 16) and val[3][1] == -1
+
+
+def _declare_size(png: Path, width: int, height: int) -> None:
+    """Rewrite the IHDR chunk of a PNG so that its header declares `width` x `height` (CRC fixed, data unchanged)."""
+    data = bytearray(png.read_bytes())
+    ihdr = bytearray(data[16:29])  # IHDR payload after the 8-byte signature, length and type
+    ihdr[0:8] = struct.pack('>II', width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack('>I', zlib.crc32(b'IHDR' + bytes(ihdr)))
+    png.write_bytes(bytes(data))
+
+
+def test_decompression_bombs_and_images_over_the_pixel_limit_are_skipped(tmp_path, caplog):
+    root = _make_folder(tmp_path / 'd')
+    bomb = root / 'train' / 'a' / '1.png'
+    _declare_size(bomb, 100_000, 100_000)                               # 10 G pixels: PIL's DecompressionBombError
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+    _declare_size(root / 'val' / 'b' / '0.png', 12_000, 10_000)         # 120 M: over the default limit (89.5 M)
+    tf = create_transform(16)
+    data = create_datasets(str(root))
+    data.train.transform, data.val.transform = tf, tf
+    with caplog.at_level(logging.WARNING):
+        assert [data.train[i][2] for i in range(len(data.train))] == [0, 1, 0, 0, 0, 0]
+        assert [data.val[i][2] for i in range(len(data.val))] == [0, 0, 0, 1, 0, 0]
+    assert str(bomb) in caplog.text and str(root / 'val' / 'b' / '0.png') in caplog.text
+    # a lower limit (--max-image-pixels) skips the ordinary 24 x 24 images as well; None leaves only PIL's limit
+    small = create_datasets(str(root), max_image_pixels=24 * 24 - 1)
+    small.val.transform = tf
+    assert [small.val[i][2] for i in range(len(small.val))] == [1] * 6
+    assert 'exceed the limit of 575 (--max-image-pixels)' in caplog.text
+    unlimited = create_datasets(str(root), max_image_pixels=None)
+    unlimited.train.transform = tf
+    assert unlimited.train[1][2] == 1                                   # PIL's own bomb limit still applies
+    with pytest.raises(ValueError, match='--max-image-pixels must be a positive number of pixels, got -1'):
+        create_datasets(str(root), max_image_pixels=-1)
 
 
 def test_training_augmentations_seeded_per_sample(tmp_path):

@@ -2,9 +2,11 @@
 
 Precedence, lowest first: flag defaults < `--recipe NAME` < `-c/--config FILE` < flags on the command line. Keys in a
 YAML file are flag names (`batch_size` or `batch-size`); relative paths in it resolve against the file's folder.
+The demo recipe applies only to a command that names no data, recipe or config: a user's data never inherits it.
 """
 import argparse
 import itertools
+import os
 import re
 import shlex
 import sys
@@ -14,21 +16,28 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
+from .data import MAX_IMAGE_PIXELS
+
 __all__ = ['RECIPE_DIR', 'DEFAULT_RECIPE', 'build_parser', 'parse_args', 'list_recipes', 'load_recipe',
-           'parse_meta_layer_switch', 'command_line', 'resolve_run_dir', 'effective_flags', 'scalar_flags',
-           'dataset_name']
+           'parse_meta_layer_switch', 'command_line', 'public_command', 'resolve_run_dir', 'check_run_dir_free',
+           'public_flags', 'scalar_flags', 'dataset_name']
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / 'recipes'
 DEFAULT_RECIPE = 'pets_mini'
 _PATH_KEYS = ('data_dir', 'output', 'resume', 'initial_checkpoint', 'backbone_weights')
+# how a published command shows each path flag: by its last component ('name'), or not at all (None)
+_PUBLIC_PATH_FLAGS = {'--data-dir': 'name', '--output': None, '--resume': None, '--initial-checkpoint': 'name',
+                      '--backbone-weights': 'name', '-c': 'name', '--config': 'name', '--recipe': 'name'}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """All flags of train.py; defaults follow timm's train.py where it has the flag."""
-    p = argparse.ArgumentParser(description='Train or fine-tune any timm model (GCP or not) with accelerate.')
+    p = argparse.ArgumentParser(description='Train or fine-tune any timm model (GCP or not) with accelerate.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group('recipe and config')
-    g.add_argument('--recipe', default=DEFAULT_RECIPE,
-                   help=f'named recipe in recipes/ or a YAML path; "none" for bare defaults (default {DEFAULT_RECIPE})')
+    g.add_argument('--recipe', default=None,
+                   help=f'named recipe in recipes/ or a YAML path; "none" for bare defaults. Default: the demo '
+                        f'{DEFAULT_RECIPE} when no --data-dir, --dataset or -c is given, else none')
     g.add_argument('-c', '--config', default='', help='YAML file of flags, applied over the recipe')
 
     g = p.add_argument_group('data')
@@ -46,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
     g.add_argument('--reprob', type=float, default=0.)
     g.add_argument('--workers', '-j', type=int, default=4)
+    g.add_argument('--max-image-pixels', type=int, default=MAX_IMAGE_PIXELS,
+                   help='images with more pixels are skipped as unreadable (0: only PIL\'s own limit, ~179 M)')
     g.add_argument('--flip-test', action=argparse.BooleanOptionalAction, default=False,
                    help='evaluate on the average of the logits of each image and its mirror image')
 
@@ -112,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-interval', type=int, default=0, help='print a progress line every N updates (0: never)')
     g.add_argument('--log-with', default='tensorboard', help='accelerate tracker(s), or "none"')
     g.add_argument('--no-progress', action='store_true', help='no tqdm bars')
+    g.add_argument('--max-nonfinite-updates', type=int, default=3,
+                   help='stop as diverged after this many updates in a row with a non-finite loss')
+    g.add_argument('--debug', action='store_true',
+                   help='show the Python traceback of user errors too (or set TIMM_GCP_DEBUG=1)')
+    for action in p._actions:  # argparse prints defaults only for flags with a help text
+        if action.help is None:
+            action.help = '(default: %(default)s)'
     return p
 
 
@@ -159,8 +177,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags with recipe and config YAML applied underneath the command line."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    defaults: Dict[str, Any] = {}
-    if known.recipe and known.recipe != 'none':
+    if known.recipe is None:
+        known.recipe = 'none' if known.data_dir or known.dataset or known.config else DEFAULT_RECIPE
+    defaults: Dict[str, Any] = {'recipe': known.recipe}
+    if known.recipe != 'none':
         defaults.update(_load_yaml_flags(_recipe_path(known.recipe), parser))
     if known.config:
         defaults.update(_load_yaml_flags(Path(known.config), parser))
@@ -168,7 +188,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.amp and args.mixed_precision is None:
         args.mixed_precision = 'bf16' if args.amp_dtype == 'bfloat16' else 'fp16'
-    for flag in ('batch_size', 'epochs', 'grad_accum_steps'):
+    if args.max_image_pixels == 0:
+        args.max_image_pixels = None
+    for flag in ('batch_size', 'epochs', 'grad_accum_steps', 'max_nonfinite_updates'):
         if getattr(args, flag) < 1:
             raise ValueError(f'--{flag.replace("_", "-")} must be >= 1, got {getattr(args, flag)}')
     return args
@@ -185,9 +207,28 @@ def parse_meta_layer_switch(spec: Optional[str]) -> Optional[Tuple[str, int]]:
 
 
 def command_line(argv: Optional[Sequence[str]]) -> str:
-    """The command that reproduces this run."""
+    """The command that reproduces this run on this machine (local paths included)."""
     return shlex.join(['python', 'train.py', *(sys.argv[1:] if argv is None else argv)])
 
+
+def _public_path(value: str) -> str:
+    """A path as a published file may show it: its last component (a Hub id or timm name stays as it is)."""
+    return Path(value).name if (os.sep in value or Path(value).exists()) else value
+
+
+def public_command(command: str) -> str:
+    """`command` (from `command_line`) as published: data, config and weight files by name, no output or resume."""
+    tokens, public = shlex.split(command)[2:], []
+    while tokens:
+        flag, eq, value = tokens.pop(0).partition('=')
+        if flag not in _PUBLIC_PATH_FLAGS:
+            public.append(flag + eq + value)
+            continue
+        if not eq and tokens:
+            value = tokens.pop(0)
+        if _PUBLIC_PATH_FLAGS[flag]:
+            public += [flag, _public_path(value)]
+    return shlex.join(['python', 'train.py', *public])
 
 
 def resolve_run_dir(args: argparse.Namespace, checkpoint: Optional[Path]) -> Path:
@@ -203,18 +244,24 @@ def resolve_run_dir(args: argparse.Namespace, checkpoint: Optional[Path]) -> Pat
         base = Path('runs') / f'{Path(args.recipe).stem}-{args.model}'.replace('/', '_').replace(':', '_')
         run_dir = next(p for p in (base.with_name(f'{base.name}-{n}') if n > 1 else base for n in itertools.count(1))
                        if not p.exists())
-    if checkpoint is None and any((run_dir / 'checkpoints').glob('checkpoint-*')):
-        raise FileExistsError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose '
-                              f'another --output')
     return run_dir
 
 
-def effective_flags(args: argparse.Namespace) -> Dict[str, Any]:
-    """The flags that were set: `-c` with them as a YAML file (paths made absolute) reproduces the run."""
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ('config', 'resume')}
-    for key in ('data_dir', 'initial_checkpoint'):
-        if flags.get(key) and Path(flags[key]).exists():
-            flags[key] = str(Path(flags[key]).resolve())
+def check_run_dir_free(run_dir: Path, resuming: bool) -> None:
+    """Raise FileExistsError if a new run would start in a folder that holds another run's checkpoints (checked
+    under the run lock)."""
+    if not resuming and any((run_dir / 'checkpoints').glob('checkpoint-*')):
+        raise FileExistsError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose '
+                              f'another --output')
+
+
+def public_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flags that were set, as published: no local paths (data and weight files by name, no output/resume)."""
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ('config', 'resume', 'output', 'debug')}
+    for key in ('data_dir', 'initial_checkpoint', 'backbone_weights', 'recipe'):
+        if isinstance(flags.get(key), str):
+            flags[key] = _public_path(flags[key])
     return flags
 
 

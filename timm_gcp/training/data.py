@@ -1,6 +1,7 @@
 """Datasets and loaders: image folders and Hugging Face datasets behind one checked, fault-tolerant interface.
 
-Every sample is `(image, target, unreadable)`. An unreadable image (corrupt, truncated) is logged and, in training,
+Every sample is `(image, target, unreadable)`. An unreadable image (corrupt, truncated, a decompression bomb, or more
+pixels than `max_image_pixels`) is logged with its path and, in training,
 replaced by the next readable one; in evaluation it becomes a blank placeholder flagged `unreadable=1` that the
 evaluation leaves out, so every readable validation image is still counted exactly once. Training augmentations are
 seeded per (seed, epoch, index): a resumed run sees exactly the images and crops an uninterrupted one would.
@@ -8,6 +9,7 @@ seeded per (seed, epoch, index): a resumed run sees exactly the images and crops
 import io
 import logging
 import random
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,14 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ['IMG_EXTENSIONS', 'to_rgb', 'find_classes', 'ImageFolderDataset', 'HfImageDataset', 'DataBundle',
+__all__ = ['IMG_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'to_rgb', 'find_classes', 'ImageFolderDataset', 'HfImageDataset', 'DataBundle',
            'create_datasets', 'create_transforms', 'create_dataloader']
 
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 _MAX_SUBSTITUTIONS = 16
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb warning threshold (about 9459 x 9459)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -40,10 +43,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
-def _open_rgb(source: Any) -> Image.Image:
-    with Image.open(source) as img:
-        img.load()
-        return to_rgb(img)
+def _open_rgb(source: Any, max_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image as RGB; ValueError if its header declares more than `max_pixels` (None: no limit beyond
+    PIL's own, which refuses over twice `PIL.Image.MAX_IMAGE_PIXELS`, about 179 M pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # `max_pixels` is the limit that applies
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ValueError(f'{img.width} x {img.height} pixels exceed the limit of {max_pixels} '
+                                 f'(--max-image-pixels)')
+            img.load()
+            return to_rgb(img)
 
 
 @contextmanager
@@ -65,8 +75,9 @@ class _ImageDataset(Dataset):
     """Shared behaviour: transform, unreadable-image policy, per-sample augmentation seeds."""
 
     def __init__(self, class_names: Sequence[str], transform: Optional[Callable] = None, is_training: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS):
         self.class_names = list(class_names)
+        self.max_image_pixels = max_image_pixels
         self.transform = transform
         self.is_training = is_training
         self.seed = seed
@@ -84,7 +95,7 @@ class _ImageDataset(Dataset):
     def _try_load(self, index: int) -> Tuple[Optional[Image.Image], int]:
         try:
             return self._load(index)
-        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for corrupt or truncated files
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
             _logger.warning('skipping unreadable image %s: %s', self._describe(index), err)
             return None, -1
 
@@ -143,7 +154,7 @@ class ImageFolderDataset(_ImageDataset):
 
     def _load(self, index: int) -> Tuple[Image.Image, int]:
         path, target = self.samples[index]
-        return _open_rgb(path), target
+        return _open_rgb(path, self.max_image_pixels), target
 
     def _describe(self, index: int) -> str:
         return str(self.samples[index][0])
@@ -167,7 +178,7 @@ class HfImageDataset(_ImageDataset):
         row = self.data[index]
         image = row[self.image_key]
         source = io.BytesIO(image['bytes']) if image.get('bytes') else image['path']
-        return _open_rgb(source), int(row[self.label_key])
+        return _open_rgb(source, self.max_image_pixels), int(row[self.label_key])
 
     def _describe(self, index: int) -> str:
         return f'row {index} of {self.data.info.dataset_name or "the Hugging Face dataset"}'
@@ -209,12 +220,16 @@ class DataBundle:
 
 
 def create_datasets(data_dir: Optional[str], dataset: str = '', train_split: str = 'train', val_split: str = 'val',
-                    seed: int = 0) -> DataBundle:
-    """Check and index the data (before any model is built); transforms are attached later."""
+                    seed: int = 0, max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> DataBundle:
+    """Check and index the data (before any model is built); transforms are attached later. Images over
+    `max_image_pixels` (None: no limit) count as unreadable."""
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ValueError(f'--max-image-pixels must be a positive number of pixels, got {max_image_pixels}')
+    limit = {'max_image_pixels': max_image_pixels}
     if dataset.startswith('hfds/'):
         train, val = _load_hf_splits(dataset[len('hfds/'):], (train_split, val_split), data_dir)
-        train_ds = HfImageDataset(train, is_training=True, seed=seed)
-        val_ds = HfImageDataset(val)
+        train_ds = HfImageDataset(train, is_training=True, seed=seed, **limit)
+        val_ds = HfImageDataset(val, **limit)
     elif dataset:
         raise ValueError(f'unsupported --dataset {dataset!r}: use "" (image folders) or hfds/NAME')
     else:
@@ -230,8 +245,8 @@ def create_datasets(data_dir: Optional[str], dataset: str = '', train_split: str
             only_val = sorted(set(val_classes) - set(train_classes))
             raise ValueError(f'class folders differ between {root / train_split} and {root / val_split}: '
                              f'only in {train_split}: {only_train}, only in {val_split}: {only_val}')
-        train_ds = ImageFolderDataset(root / train_split, train_classes, is_training=True, seed=seed)
-        val_ds = ImageFolderDataset(root / val_split, val_classes)
+        train_ds = ImageFolderDataset(root / train_split, train_classes, is_training=True, seed=seed, **limit)
+        val_ds = ImageFolderDataset(root / val_split, val_classes, **limit)
     if train_ds.class_names != val_ds.class_names:
         raise ValueError(f'train and val class names differ: {train_ds.class_names} vs {val_ds.class_names}')
     return DataBundle(train_ds, val_ds, train_ds.class_names)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..metrics import predict, topk_correct
 from .checkpoint import TrainState
-from .model import plain_model
+from .errors import TrainingDiverged
 
 __all__ = ['TrainComponents', 'create_loss', 'train_one_epoch', 'evaluate', 'base_lr']
 
@@ -29,6 +29,7 @@ class TrainComponents:
     ema: Optional[nn.Module] = None
     clip_grad: Optional[float] = None
     channels_last: bool = False
+    max_nonfinite_updates: int = 3
 
 
 def create_loss(args: Namespace, num_classes: int) -> Tuple[Callable, Optional[Mixup]]:
@@ -47,25 +48,39 @@ def _inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def _is_divergence(err: Exception) -> bool:
+    """Whether a failure in the forward or backward pass is what exploding weights cause (non-finite or
+    overflowing covariances reaching a meta-layer)."""
+    return isinstance(err, torch.linalg.LinAlgError) or 'non-finite' in str(err)
+
+
 def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState, total_batches: int,
                     on_update: Callable[[], bool], progress: bool = True) -> None:
     """Train over `loader` (the epoch's remaining batches), advancing `state` after every optimizer update.
 
-    `on_update()` runs after each update (checkpoints, logging); returning True stops the epoch early.
+    `on_update()` runs after each update (checkpoints, logging); returning True stops the epoch early. A loss that is
+    non-finite (on any process) for `max_nonfinite_updates` updates in a row raises TrainingDiverged, and so does a
+    meta-layer failing on a non-finite covariance.
     """
     acc, model = parts.accelerator, parts.model
     model.train()
     loss_sum = torch.zeros((), device=acc.device)
     bar = tqdm(total=total_batches, initial=state.batches_done, disable=not (progress and acc.is_main_process),
                desc=f'epoch {state.epoch}', leave=False, dynamic_ncols=True)
-    batches = state.batches_done
+    batches, nonfinite = state.batches_done, 0
     for x, y, unreadable in loader:
         x = _inputs(x, parts.channels_last)
         if parts.mixup is not None:
             x, y = parts.mixup(x, y)
         with acc.accumulate(model):
-            loss = parts.loss_fn(model(x), y)
-            acc.backward(loss)
+            try:
+                loss = parts.loss_fn(model(x), y)
+                acc.backward(loss)
+            except (ValueError, RuntimeError) as err:
+                if not _is_divergence(err):
+                    raise
+                raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates + 1} '
+                                       f'({str(err).splitlines()[0]})') from err
             if acc.sync_gradients and parts.clip_grad:
                 acc.clip_grad_norm_(model.parameters(), parts.clip_grad)
             parts.optimizer.step()
@@ -78,12 +93,17 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
         if acc.sync_gradients:
             state.updates += 1
             state.batches_done = batches
+            update_loss = acc.reduce(loss_sum, 'sum') if acc.num_processes > 1 else loss_sum  # same on every process
+            nonfinite = 0 if torch.isfinite(update_loss) else nonfinite + 1
+            if nonfinite >= parts.max_nonfinite_updates:
+                raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates} (loss '
+                                       f'{float(loss):g} for {nonfinite} updates in a row)')
             state.train_loss_sum += float(loss_sum)
             loss_sum.zero_()
             parts.scheduler.step_update(num_updates=state.updates)
             if parts.ema is not None:
-                parts.ema.update(plain_model(acc, model), step=state.updates)
-            if on_update():
+                parts.ema.update(acc.unwrap_model(model, keep_torch_compile=False), step=state.updates)
+            if nonfinite == 0 and on_update():
                 break
     bar.close()
 

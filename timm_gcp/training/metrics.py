@@ -1,5 +1,6 @@
 """The run's metrics file (per-epoch history, final and best epochs) and the model card's metrics."""
 import json
+import math
 import os
 from argparse import Namespace
 from pathlib import Path
@@ -7,7 +8,18 @@ from typing import Any, Dict, List
 
 from .plots import plot_curves
 
-__all__ = ['summarize', 'write_json', 'write_run_metrics', 'card_metrics']
+__all__ = ['finite_or_none', 'summarize', 'write_json', 'write_run_metrics', 'card_metrics']
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN/Inf float (in nested dicts and lists too) replaced by None, as strict JSON needs."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def summarize(history: List[Dict[str, Any]], metric: str = 'top1') -> Dict[str, Dict[str, Any]]:
@@ -15,15 +27,15 @@ def summarize(history: List[Dict[str, Any]], metric: str = 'top1') -> Dict[str, 
     if not history:
         return {}
     keep = ('epoch', 'top1', 'top5', 'val_loss')
-    best = max(history, key=lambda row: row[metric])
+    best = max(history, key=lambda row: -math.inf if row[metric] is None else row[metric])
     return {'final': {k: history[-1][k] for k in keep}, 'best': {k: best[k] for k in keep}}
 
 
 def write_json(data: Dict[str, Any], path: Path) -> None:
-    """Write `data` as JSON atomically (temporary file, then rename)."""
+    """Write `data` as strict JSON (NaN/Inf as null) atomically (temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(json.dumps(finite_or_none(data), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 

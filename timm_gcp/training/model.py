@@ -7,7 +7,8 @@ from torch import nn
 
 from ..meta_layers import list_meta_layers
 
-__all__ = ['create_train_model', 'check_meta_layer_switch', 'set_meta_layer', 'param_groups', 'plain_model']
+__all__ = ['create_train_model', 'check_input_size', 'nonfinite_tensors', 'check_meta_layer_switch', 'set_meta_layer',
+           'param_groups']
 
 
 def _check_model_name(name: str) -> None:
@@ -32,10 +33,24 @@ def create_train_model(name: str, num_classes: int, pretrained: bool = False, mo
     return model
 
 
-def plain_model(accelerator: Any, model: nn.Module) -> nn.Module:
-    """The bare model under accelerate's wrappers (DDP, ...) and torch.compile, whatever the accelerate version."""
-    model = accelerator.unwrap_model(model)
-    return getattr(model, '_orig_mod', model)
+def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], name: str) -> None:
+    """Raise ValueError if `model` cannot run on one image of `input_size` (C, H, W), e.g. too small a size."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(f'model {name} cannot run at input size {tuple(input_size)} (--img-size too small?): '
+                         f'{str(err).splitlines()[0]}') from None
+    finally:
+        model.train(was_training)
+
+
+def nonfinite_tensors(model: nn.Module) -> List[str]:
+    """Names of the parameters and buffers of `model` holding NaN or Inf."""
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def check_meta_layer_switch(model: nn.Module, name: str) -> None:

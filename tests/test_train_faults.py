@@ -1,0 +1,225 @@
+"""train.py under faults and hostile inputs: planted pickles, a locked run folder, divergence, resume with changed
+flags, published files without local paths, one clear message and exit code per kind of user error."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from test_train import ROOT, SUBPROCESS_ENV, TINY, _start, _subset, run_train, train_script  # noqa: F401 (fixtures)
+from timm_gcp.training import (
+    EXIT_CHECKPOINT, EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT_IN_USE, EXIT_USAGE, CheckpointError, OutputInUse, RunLock,
+    TrainingDiverged, read_train_state)
+
+SECRET = 'home-of-jdoe-4711'  # stands for a user name / private mount point in every local path of these runs
+
+
+@pytest.fixture(scope='module')
+def tiny_flowers(shared_data, tmp_path_factory) -> Path:
+    """3 flower classes, 8 training images each (6 updates of 4), 7 validation images, under a private-looking path."""
+    return _subset(shared_data / 'flowers', tmp_path_factory.mktemp(SECRET) / 'flowers', 3, 8, (3, 2, 2))
+
+
+@pytest.fixture(scope='module')
+def finished(train_script, tiny_flowers, tmp_path_factory) -> Path:  # noqa: F811
+    """A finished 1-epoch run (cosine schedule) with its checkpoint, under a private-looking path."""
+    out = tmp_path_factory.mktemp(SECRET) / 'run'
+    argv = [*TINY, '--data-dir', tiny_flowers, '--epochs', '1', '--output', out, '--sched', 'cosine']
+    _in_process(train_script, argv)
+    return out
+
+
+def _in_process(train_script, argv):  # noqa: F811
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        return train_script.main([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _cli(train_script, argv):  # noqa: F811
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        return train_script.cli([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / 'run'
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns('model', '.run.lock'))
+    return dst
+
+
+class Touch:
+    """Unpickling this creates `marker`."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_published_files_hold_no_local_paths_and_describe_the_run(finished, tiny_flowers):
+    files = sorted(p for p in (finished / 'model').rglob('*') if p.is_file())
+    assert {p.name for p in files} >= {'README.md', 'config.json', 'model.safetensors'}
+    for path in files:
+        text = path.read_bytes().decode('utf-8', errors='replace')
+        for private in (SECRET, str(tiny_flowers.parent), str(finished), os.path.expanduser('~')):
+            assert private not in text, (path.name, private)
+    readme = (finished / 'model' / 'README.md').read_text()
+    assert 'python train.py --recipe none --model gcp_resnet18' in readme and '--data-dir flowers' in readme
+    metrics = json.loads((finished / 'metrics.json').read_text())
+    assert str(tiny_flowers) in metrics['command']                     # the local file keeps the full command
+    assert metrics['history'][0]['meta_layer'] == timm.create_model('gcp_resnet18').meta_layer_name
+
+
+def test_resume_never_runs_a_planted_pickle(train_script, finished, tiny_flowers, tmp_path, capsys):  # noqa: F811
+    run = _copy(finished, tmp_path)
+    checkpoint = sorted((run / 'checkpoints').glob('checkpoint-*'))[-1]
+    marker = tmp_path / 'code-ran'
+    for name in ('optimizer.bin', 'random_states_0.pkl', 'custom_checkpoint_0.pkl'):
+        saved = (checkpoint / name).read_bytes() if (checkpoint / name).exists() else None
+        (checkpoint / name).write_bytes(pickle.dumps(Touch(marker)))
+        code = _cli(train_script, [*TINY, '--data-dir', tiny_flowers, '--epochs', '2', '--resume', run])
+        err = capsys.readouterr().err
+        assert code == EXIT_CHECKPOINT and not marker.exists(), err
+        assert err.count('\n') == 1 and str(checkpoint / name) in err, err
+        (checkpoint / name).write_bytes(saved) if saved is not None else (checkpoint / name).unlink()
+
+
+def test_resume_refuses_changed_flags_and_extends_the_schedule(run_train, finished, tiny_flowers, tmp_path):  # noqa
+    run = _copy(finished, tmp_path)
+    args = [*TINY, '--data-dir', tiny_flowers, '--sched', 'cosine', '--resume', run]
+    with pytest.raises(CheckpointError, match=r'train_images: checkpoint 24, this run 18; batch_size: checkpoint 4, '
+                                              r'this run 2\)'):
+        run_train(*args, '--epochs', '2', '-b', '2', '--data-dir', _subset(tiny_flowers, tmp_path / 'd', 3, 6, (1,) * 3))
+    result = run_train(*args, '--epochs', '2')                          # a longer run: the schedule is rebuilt
+    history = result['metrics']['history']
+    assert [row['epoch'] for row in history] == [0, 1]
+    assert history[0]['lr'] == pytest.approx(0.01)
+    assert history[1]['lr'] == pytest.approx(0.01 / 2)                  # cosine over 2 epochs (not 1), at epoch 1
+    metrics = json.loads((run / 'metrics.json').read_text())
+    assert '--resume' not in metrics['command'] and "'--epochs' '1'" not in metrics['command']
+    assert metrics['command'] == json.loads((finished / 'metrics.json').read_text())['command']
+
+
+def test_divergence_stops_the_run_without_exporting(run_train, tiny_flowers, tmp_path):  # noqa: F811
+    out = tmp_path / 'run'
+    with pytest.raises(TrainingDiverged, match=r'training diverged at epoch 0 update \d+ \(.*\); last good '
+                                               r'checkpoint: none'):
+        run_train(*TINY, '--data-dir', tiny_flowers, '--epochs', '2', '--lr', '1e8', '--output', out)
+    assert not (out / 'model').exists() and not list((out / 'checkpoints').glob('checkpoint-*'))
+    json.loads((out / 'metrics.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in metrics.json'))
+
+
+def test_divergence_after_a_good_checkpoint_names_it(run_train, finished, tiny_flowers, tmp_path):  # noqa: F811
+    run = _copy(finished, tmp_path)
+    with pytest.raises(TrainingDiverged, match=r'training diverged at epoch 1 .*; last good checkpoint: ') as info:
+        run_train(*TINY, '--data-dir', tiny_flowers, '--sched', 'cosine', '--epochs', '3', '--lr', '1e8',
+                  '--checkpoint-interval', '1', '--resume', run)
+    good = Path(str(info.value).split('last good checkpoint: ')[1])
+    assert good == sorted((run / 'checkpoints').glob('checkpoint-*'))[-1]
+    weights = load_file(good / 'model.safetensors')                     # every checkpoint written is finite
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_divergence_with_an_exact_meta_layer_is_reported_as_divergence(run_train, tiny_flowers, tmp_path):  # noqa
+    with pytest.raises(TrainingDiverged, match=r'training diverged at epoch 0 update \d+'):
+        run_train(*TINY, '--data-dir', tiny_flowers, '--epochs', '2', '--lr', '1e8', '--model-kwargs', 'gcp_dim=8',
+                  'meta_layer=svd_pade', '--output', tmp_path / 'run')
+
+
+def test_run_lock_names_its_holder_and_is_released(tmp_path):
+    run_dir = tmp_path / 'run'
+    with RunLock(run_dir):
+        with pytest.raises(OutputInUse, match=rf'{run_dir} is in use by another run \({{"pid": {os.getpid()}, '
+                                              r'"host": .*"started": '):
+            RunLock(run_dir).acquire()
+        (run_dir / 'metrics.json').write_text('{}')
+    with RunLock(run_dir):                                               # released: free again
+        pass
+    assert (run_dir / 'metrics.json').exists()
+    with RunLock(tmp_path / 'unused'):
+        pass
+    assert not (tmp_path / 'unused').exists()                            # a folder it made and nothing used
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_fails_at_once(tiny_flowers, tmp_path):
+    out = tmp_path / 'run'
+    args = [*TINY, '--data-dir', tiny_flowers, '--epochs', '2', '--log-interval', '1', '--output', out]
+    first = _start(args)
+    for line in first.stdout:
+        if ' update 1 ' in line:
+            break
+    second = subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, args)], cwd=ROOT, env=SUBPROCESS_ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == EXIT_OUTPUT_IN_USE, second.stderr
+    assert f'{out} is in use by another run ({{"pid": {first.pid}' in second.stderr
+    assert second.stderr.count('\n') == 1 and 'Traceback' not in second.stderr
+    assert first.wait(timeout=300) == 0 and (out / 'model' / 'model.safetensors').exists()
+    assert read_train_state(sorted((out / 'checkpoints').glob('checkpoint-*'))[-1]).epoch == 2
+
+
+def test_user_errors_are_one_line_with_an_exit_code(train_script, tiny_flowers, tmp_path, capsys):  # noqa: F811
+    base = [*TINY, '--epochs', '1']
+    cases = [
+        (['--data-dir', str(tiny_flowers), '--img-size', '8'], EXIT_USAGE, 'cannot run at input size'),
+        (['--data-dir', str(tiny_flowers), '--model', 'gcp_resnet_19'], EXIT_USAGE, "Unknown model 'gcp_resnet_19'"),
+        (['--data-dir', str(tmp_path / 'missing')], EXIT_DATA, 'does not exist'),
+        (['--data-dir', str(tiny_flowers), '--resume', str(tmp_path)], EXIT_CHECKPOINT, 'no checkpoint found'),
+    ]
+    for extra, code, message in cases:
+        assert _cli(train_script, [*base, *extra, '--output', tmp_path / 'out']) == code, extra
+        err = capsys.readouterr().err
+        assert err.startswith('train.py: error: ') and message in err and err.count('\n') == 1, err
+    with pytest.raises(FileNotFoundError, match='does not exist'):     # --debug: the traceback of a user error
+        _cli(train_script, [*base, *cases[2][0], '--debug'])
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_cli_exit_codes_in_a_real_process(tiny_flowers, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, TINY), '--data-dir', tiny_flowers,
+                           '--epochs', '2', '--lr', '1e8', '--output', tmp_path / 'run'],
+                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith('train.py: error: training diverged at epoch 0')
+    assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigint_exits_128_plus_2_with_the_resume_command_last(tiny_flowers, tmp_path):
+    out = tmp_path / 'run'
+    proc = _start([*TINY, '--data-dir', tiny_flowers, '--epochs', '3', '--log-interval', '1', '--output', out])
+    for line in proc.stdout:
+        if ' update 2 ' in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read().strip().splitlines()
+    assert proc.wait() == 128 + signal.SIGINT
+    assert rest[-1].startswith('interrupted: checkpoint saved; continue with: python train.py')
+
+
+def test_tiny_convnext_fine_tunes_with_the_convnext_recipe(run_train, tiny_flowers, tmp_path):  # noqa: F811
+    if not timm.is_model('gcp_test_convnext'):
+        pytest.skip('gcp_test_convnext is not registered yet (issue 10 item 2)')
+    out = tmp_path / 'run'
+    result = run_train('--recipe', 'finegrained_convnext_448', '--model', 'gcp_test_convnext', '--no-pretrained',
+                       '--data-dir', tiny_flowers, '--img-size', '64', '-b', '4', '--epochs', '1', '--workers', '0',
+                       '--model-kwargs', 'gcp_dim=16', '--no-progress', '--log-with', 'none', '--output', out)
+    row = result['metrics']['history'][0]
+    assert row['train_images'] == 24 and row['val_images'] == 7
+    config = json.loads((out / 'model' / 'config.json').read_text())
+    assert config['architecture'] == 'gcp_test_convnext'

@@ -1,0 +1,71 @@
+"""One run per run folder: an exclusive `fcntl.flock` on `<run_dir>/.run.lock`, held for the whole run.
+
+The lock file names its holder (pid, host, start time), so a second run on the same folder fails at once with a
+message saying which run owns it. The kernel drops the lock when the holder exits, however it exits (even SIGKILL),
+so a stale lock file never blocks a later run.
+"""
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import OutputInUse
+
+__all__ = ['RunLock', 'LOCK_NAME']
+
+LOCK_NAME = '.run.lock'
+
+
+class RunLock:
+    """Exclusive ownership of `run_dir`; `release()` (or leaving the `with` block) gives it up and removes a run
+    folder this lock created if the run left nothing else in it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: Optional[int] = None
+        self._created_dir = False
+
+    def acquire(self) -> 'RunLock':
+        self._created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'unknown'
+                os.close(fd)
+                raise OutputInUse(f'{self.run_dir} is in use by another run ({holder}); wait for it to end or '
+                                  f'choose another --output') from None
+            try:  # the holder may have removed the file between our open and flock: lock the file on disk
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+                  'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+            self.path.unlink()
+            self.run_dir.rmdir()
+        os.close(self._fd)  # closing drops the lock
+        self._fd = None
+
+    def __enter__(self) -> 'RunLock':
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
