@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 
 import timm_gcp
 from timm_gcp.meta_layers import AdaptiveChannelDropout, solve_lyapunov
-from timm_gcp.meta_layers.pade import MPA_DENOMINATOR, MPA_NUMERATOR, sqrt_taylor_coefficients
+from timm_gcp.meta_layers.lyapunov import MPA_DENOMINATOR, MPA_NUMERATOR, sqrt_taylor_coefficients
 from timm_gcp.meta_layers.spectral import (
     SvdPade, geometric_partial_sum, loewner_power, pade_geometric_coefficients, polyval, published_pade_coefficients,
     replace_non_finite,
