@@ -309,6 +309,9 @@ def test_verify_a_local_export_folder(model, exported, image_folder):
     with pytest.raises(VerificationError, match='top1: re-evaluated'):
         verify_folder(exported, data_dir=image_folder)
     weights = load_file(str(exported / 'model.safetensors'))
+    save_file({**weights, 'extra.weight': torch.zeros(2)}, str(exported / 'model.safetensors'))
+    with pytest.raises(VerificationError, match=r'local-dir:.* does not load with timm: .*extra\.weight'):
+        verify_folder(exported)
     weights['conv1.weight'][0] = float('inf')
     save_file(weights, str(exported / 'model.safetensors'))
     with pytest.raises(VerificationError, match='1 non-finite tensors'):

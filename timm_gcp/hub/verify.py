@@ -82,7 +82,10 @@ def _check_model(report: VerifyReport, model_name: str, folder: Path, data_dir: 
                  tolerance: float, batch_size: int, hflip_average: bool, **create_kwargs) -> None:
     """Load `model_name` as timm does, compare with `folder`'s weights bit for bit, and with `data_dir` re-evaluate
     and compare with the card's top-1/top-5 (filled into `report`)."""
-    model = timm.create_model(model_name, pretrained=True, **create_kwargs).eval()
+    try:
+        model = timm.create_model(model_name, pretrained=True, **create_kwargs).eval()
+    except (RuntimeError, ValueError) as e:  # e.g. weights that do not fit the architecture config.json describes
+        raise VerificationError(f'{model_name} does not load with timm: {e}') from e
     expected = load_file(str(folder / WEIGHTS_NAME))
     state = model.state_dict()
     differ = sorted(k for k, v in expected.items() if k not in state or not torch.equal(state[k], v))
