@@ -223,7 +223,9 @@ def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
     model = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
     assert (model.gcp_dim, model.num_classes, model.pretrained_cfg['label_names']) == (16, 5, list('abcde'))
     assert torch.equal(model.global_pool.conv.weight, sd['layer_reduce.weight'])
-    assert 'python hub/convert.py' in (tmp_path / 'out' / 'README.md').read_text()
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert ('python hub/convert.py mpncovresnet18.pth --model gcp_resnet18 --source fast-mpn-cov '
+            '--label-names labels.txt') in card and str(tmp_path) not in card  # files by name, no output folder
 
     assert cli.main([str(tmp_path / 'nope.pth'), '--model', 'gcp_resnet18', '--output', str(tmp_path / 'o2')]) == 1
     assert 'does not exist' in capsys.readouterr().err
