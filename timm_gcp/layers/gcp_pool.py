@@ -40,11 +40,10 @@ class GCPPool(nn.Module):
             dropcov: bool = False,
     ):
         super().__init__()
-        for name, value in (('in_chs', in_chs), ('dim', dim)):
-            if (value is not None or name == 'in_chs') and (isinstance(value, bool) or not isinstance(value, int)
-                                                             or value < 1):
-                raise ValueError(f'GCPPool {name} must be a positive int channel count'
-                                 f'{" or None" if name == "dim" else ""}, got {value!r}')
+        if isinstance(in_chs, bool) or not isinstance(in_chs, int) or in_chs < 1:
+            raise ValueError(f'GCPPool in_chs must be a positive int channel count, got {in_chs!r}')
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f'GCPPool dim must be a positive int channel count or None, got {dim!r}')
         self.dim = in_chs if dim is None else dim
         if dim is None:
             self.conv, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()
@@ -78,9 +77,9 @@ class GCPPool(nn.Module):
             pooled = triu_vec(self.meta_layer(covariance(self.reduce(x))))
         except NonFiniteCovarianceError as err:
             raise NonFiniteCovarianceError(
-                f'GCPPool: the covariance of the features it pools is non-finite: the (B, {self.dim}, H, W) features '
-                f'after its reduction hold NaN/Inf or overflow float32, so the backbone output (or the input images) '
-                f'did — e.g. a diverged training run ({err})') from None
+                f'GCPPool: the covariance of its (B, {self.dim}, H, W) reduced features is non-finite, so the features '
+                f'it was given (the backbone output) hold NaN/Inf or values that overflow float32, e.g. after a '
+                f'diverged training run or from non-finite input images. {err}') from None
         return pooled if autocast_enabled(x) else pooled.to(x.dtype)
 
 

@@ -166,7 +166,7 @@ class SpectralPower(MetaLayer):
 
     Args:
         alpha: the power, in (0, 2] (½: matrix square root).
-        eps: eigenvalue clamp relative to λ_max, in [0, 1); None: machine epsilon of the eigendecomposition dtype.
+        eps: eigenvalue clamp relative to λ_max, in [0, 1]; None: machine epsilon of the eigendecomposition dtype.
         float64: run eigendecomposition and backward in float64 (the output keeps the input's compute dtype).
         eigh_backend: name of the `timm_gcp.ops.eigh` backend; None: the process-wide default.
     """
@@ -181,7 +181,7 @@ class SpectralPower(MetaLayer):
     ):
         super().__init__()
         self.alpha = float_option(self.name, 'alpha', alpha, 0., 2.)
-        self.eps = optional(float_option, self.name, 'eps', eps, 0., 1. - 2 ** -24, include_low=True)
+        self.eps = optional(float_option, self.name, 'eps', eps, 0., 1., include_low=True)
         self.float64 = bool_option(self.name, 'float64', float64)
         if eigh_backend is not None and not isinstance(eigh_backend, str):
             raise ValueError(f'{self.name} option eigh_backend must be a backend name or None, got {eigh_backend!r}')
