@@ -21,18 +21,19 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
+from timm.models import get_pretrained_cfg
 from timm.utils import ModelEmaV3
 
 import timm_gcp  # noqa: F401  (registers the GCP models with timm)
 from timm_gcp.hub import export_model
 from timm_gcp.training import (
-    DEFAULT_RECIPE, EXIT_DATA, EXIT_OUTPUT_IN_USE, EXIT_USAGE, Checkpointer, CheckpointError, OutputInUse, RunLock, StopSignal,
-    TrainComponents, TrainState, TrainingDiverged, base_lr, card_metrics, check_compatible, check_input_size,
-    check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters, create_dataloader,
-    create_datasets, create_loss, create_train_model, create_train_optimizer, create_train_scheduler,
-    create_transforms, dataset_name, evaluate, exit_code_of, finite_or_none, load_ema, nonfinite_tensors, parse_args,
-    parse_meta_layer_switch, public_command, public_flags, resolve_run_dir, scalar_flags, select_checkpoint,
-    set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
+    DEFAULT_RECIPE, EXIT_DATA, EXIT_OUTPUT_IN_USE, EXIT_USAGE, Checkpointer, CheckpointError, OutputInUse, RunLock,
+    StopSignal, TrainComponents, TrainState, TrainingDiverged, base_lr, card_metrics, check_compatible,
+    check_input_size, check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters,
+    create_dataloader, create_datasets, create_loss, create_train_model, create_train_optimizer,
+    create_train_scheduler, create_transforms, dataset_name, evaluate, exit_code_of, finite_or_none, load_ema,
+    nonfinite_tensors, parse_args, parse_meta_layer_switch, public_command, public_flags, resolve_run_dir,
+    scalar_flags, select_checkpoint, set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -187,8 +188,8 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accel
     # ---- export ------------------------------------------------------------------------------------------------------
     final_model = ema.module if ema is not None else bare
     model_dir = run_dir / 'model'
+    _check_finite(final_model, 'in the final weights')
     if accelerator.is_main_process:
-        _check_finite(final_model, 'in the final weights')
         export_model(final_model, model_dir, label_names=data.class_names, metrics=card_metrics(metrics),
                      recipe=public_flags(args), command=public_command(command), dataset=dataset_name(args),
                      data_config=data_config, base_model=_base_model(args, bare))
@@ -236,7 +237,14 @@ def _check_finite(model: torch.nn.Module, where: str) -> None:
 
 def _base_model(args: Any, model: torch.nn.Module) -> Optional[str]:
     """The Hub repo of the weights the run started from (None: from scratch or a local file)."""
-    return getattr(model, 'pretrained_cfg', {}).get('hf_hub_id') if args.pretrained else None
+    if args.pretrained:
+        return getattr(model, 'pretrained_cfg', {}).get('hf_hub_id')
+    source = args.backbone_weights or ''
+    if source.startswith('hf-hub:'):
+        return source[len('hf-hub:'):]
+    if source and not Path(source).exists():  # a timm name, e.g. resnet50.a1_in1k
+        return getattr(get_pretrained_cfg(source), 'hf_hub_id', None)
+    return None
 
 
 def _exit_interrupted(accelerator: Accelerator, run_dir: Path, command: str, signum: Optional[int]) -> None:

@@ -98,16 +98,22 @@ class Touch:
         return Path.touch, (self.marker,)
 
 
+@pytest.mark.parametrize('recorded', [True, False])  # False: the attacker also removed the recorded hashes
 @pytest.mark.parametrize('name', ['model.safetensors', 'optimizer.bin', 'random_states_0.pkl', 'trainer_state.json',
                                   'custom_checkpoint_0.pkl'])  # the last: the scheduler state train.py used to pickle
-def test_a_pickle_planted_in_any_checkpoint_file_never_runs(tmp_path, name):
+def test_a_pickle_planted_in_any_checkpoint_file_never_runs(tmp_path, name, recorded):
     checkpoint = Checkpointer(OneProcess(), tmp_path).save(TrainState(updates=2))
+    if not recorded:
+        state = json.loads((checkpoint / 'trainer_state.json').read_text())
+        (checkpoint / 'trainer_state.json').write_text(json.dumps({**state, 'files': {}}))
     marker = tmp_path / 'code-ran'
     planted = pickle.dumps(Touch(marker))
     (checkpoint / name).write_bytes(planted)
-    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint / name))):
+    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint / name))) as info:
         select_checkpoint(str(tmp_path))
     assert not marker.exists()
+    if not recorded and name != 'trainer_state.json':
+        assert 'cannot be read safely' in str(info.value)
     pickle.loads(planted)  # the planted bytes do run code under plain pickle
     assert marker.exists()
 

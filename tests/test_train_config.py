@@ -100,6 +100,8 @@ def test_published_flags_and_command_hold_no_local_paths(tmp_path):
     assert flags['data_dir'] == 'cub' and flags['lr'] == 0.5 and flags['model_kwargs'] == {'gcp_dim': 8}
     assert not {'output', 'resume', 'config'} & set(flags)
     assert 'home-of-jdoe' not in repr(flags) and 'home-of-jdoe' not in command
+    local = public_command(command_line(['--model', f'local-dir:{secret}/exported', f'--initial-checkpoint={out}/w.pt']))
+    assert local == 'python train.py --model local-dir:exported --initial-checkpoint w.pt'
 
 
 def test_bad_config_inputs(tmp_path):
@@ -169,3 +171,17 @@ def test_finegrained_convnext_recipe():
     lrs = _lr_per_epoch(args)
     assert lrs[0] == pytest.approx(1e-6) and max(lrs) == pytest.approx(1e-4, rel=1e-2)  # warm-up to the peak
     assert lrs[-1] < 2e-6 and lrs == sorted(lrs[:3]) + lrs[3:]                          # cosine down to min_lr
+
+
+def test_a_pretrained_tag_brings_its_own_data_config():
+    """`--model gcp_<name>.<tag>` without preprocessing flags: mean/std, interpolation, crop and size of the tag."""
+    args = parse_args(['--data-dir', '/data/cub', '--model', 'gcp_test_convnext.r160_in1k'])
+    model = timm.create_model(args.model, num_classes=3, gcp_dim=8)
+    expected = model.pretrained_cfg
+    assert expected['mean'] != (0.485, 0.456, 0.406)                    # not timm's ImageNet default
+    _, eval_tf, data_config = create_transforms(model, vars(args))
+    for key in ('input_size', 'mean', 'std'):
+        assert tuple(data_config[key]) == tuple(expected[key]), key
+    assert (data_config['interpolation'], data_config['crop_pct']) == (expected['interpolation'], expected['crop_pct'])
+    normalize = [t for t in eval_tf.transforms if isinstance(t, T.Normalize)][0]
+    assert [float(m) for m in normalize.mean] == [0.5, 0.5, 0.5]

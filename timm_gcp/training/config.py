@@ -27,7 +27,8 @@ DEFAULT_RECIPE = 'pets_mini'
 _PATH_KEYS = ('data_dir', 'output', 'resume', 'initial_checkpoint', 'backbone_weights')
 # how a published command shows each path flag: by its last component ('name'), or not at all (None)
 _PUBLIC_PATH_FLAGS = {'--data-dir': 'name', '--output': None, '--resume': None, '--initial-checkpoint': 'name',
-                      '--backbone-weights': 'name', '-c': 'name', '--config': 'name', '--recipe': 'name'}
+                      '--backbone-weights': 'name', '-c': 'name', '--config': 'name', '--recipe': 'name',
+                      '--model': 'name'}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +214,8 @@ def command_line(argv: Optional[Sequence[str]]) -> str:
 
 def _public_path(value: str) -> str:
     """A path as a published file may show it: its last component (a Hub id or timm name stays as it is)."""
+    if value.startswith('local-dir:'):
+        return 'local-dir:' + Path(value[len('local-dir:'):]).name
     return Path(value).name if (os.sep in value or Path(value).exists()) else value
 
 
@@ -259,7 +262,7 @@ def public_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The flags that were set, as published: no local paths (data and weight files by name, no output/resume)."""
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k not in ('config', 'resume', 'output', 'debug')}
-    for key in ('data_dir', 'initial_checkpoint', 'backbone_weights', 'recipe'):
+    for key in ('data_dir', 'initial_checkpoint', 'backbone_weights', 'recipe', 'model'):
         if isinstance(flags.get(key), str):
             flags[key] = _public_path(flags[key])
     return flags

@@ -21,8 +21,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ['IMG_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'to_rgb', 'find_classes', 'ImageFolderDataset', 'HfImageDataset', 'DataBundle',
-           'create_datasets', 'create_transforms', 'create_dataloader']
+__all__ = ['IMG_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'to_rgb', 'find_classes', 'ImageFolderDataset', 'HfImageDataset',
+           'DataBundle', 'create_datasets', 'create_transforms', 'create_dataloader']
 
 _logger = logging.getLogger(__name__)
 
