@@ -1,6 +1,5 @@
 """The timm model contract for every registered GCP architecture, plus the GCP-specific structure and errors."""
 import copy
-import dataclasses
 import os
 import subprocess
 import sys
@@ -16,13 +15,11 @@ from torch import nn
 
 import timm_gcp
 from timm_gcp.layers import GCPPool, GSoPBlock
-from timm_gcp.models import PRETRAINED_TAGS, _pretrained
 
 GCP_NAMES = ['gcp_resnet18', 'gcp_resnet34', 'gcp_resnet50', 'gcp_resnet101', 'gcp_resnet152']
 GSOP_NAMES = ['gsop_resnet50', 'gsop_resnet101']
 ALL_NAMES = GCP_NAMES + GSOP_NAMES
 SHALLOW_NAMES = ['gcp_resnet18', 'gcp_resnet34', 'gcp_resnet50', 'gsop_resnet50']  # cheap enough to build again
-TAGS = ['in1k', 'in1k_ft_cub_448', 'in1k_ft_aircraft_448', 'in1k_ft_cars_448']
 GCP_DIM = 16  # small head: the contract, not the published shape, is what these tests check
 TRIU = GCP_DIM * (GCP_DIM + 1) // 2
 NUM_CLASSES = 10
@@ -49,37 +46,38 @@ def outputs(model, images) -> dict:
 
 
 def test_registered_names():
-    assert timm.list_models('gcp_*') == GCP_NAMES
+    assert timm.list_models(module='gcp_resnet') == GCP_NAMES  # the paper's stride-1 GCP ResNets
     assert timm.list_models('gsop_*') == GSOP_NAMES
-    pretrained = timm.list_pretrained('gcp_*') + timm.list_pretrained('gsop_*')
-    assert sorted(pretrained) == sorted(f'{a}.{t}' for a in ALL_NAMES for t in TAGS)
-    assert set(timm.list_models(module='gcp_resnet')) == set(GCP_NAMES)
+    assert {'gcp_resnet50d', 'gcp_convnext_tiny', 'gcp_test_vit'} <= set(timm.list_models('gcp_*'))  # other families
 
 
 @pytest.mark.parametrize('name', ALL_NAMES)
 def test_default_cfgs(name):
-    for tag in TAGS:
-        cfg = timm.models.get_pretrained_cfg(f'{name}.{tag}').to_dict()
-        spec = PRETRAINED_TAGS[tag]
-        size = 448 if tag.endswith('_448') else 224
-        assert cfg['hf_hub_id'] == f'{timm_gcp.HUB_ORG}/{name}.{tag}'
-        assert cfg['input_size'] == (3, size, size) and cfg['pool_size'] == (size // 16, size // 16)
-        assert cfg['num_classes'] == {'in1k': 1000, 'in1k_ft_cub_448': 200, 'in1k_ft_aircraft_448': 100,
-                                      'in1k_ft_cars_448': 196}[tag] == spec.num_classes
-        assert cfg['crop_pct'] == (0.875 if tag == 'in1k' else 1.0)
-        assert cfg['first_conv'] == 'conv1' and cfg['classifier'] == 'fc' and cfg['license'] == 'apache-2.0'
+    """One tag per timm tag of the backbone with weights on the Hub, with its data config; pool sizes at stride 16."""
+    base = name.split('_', 1)[1]
+    base_tags = [t for t in timm.list_pretrained(f'{base}.*') if timm.models.get_pretrained_cfg(t).hf_hub_id]
+    assert sorted(timm.list_pretrained(f'{name}.*')) == sorted(f'{name}.{t.split(".", 1)[1]}' for t in base_tags)
+    for base_tag in base_tags:
+        base_cfg = timm.models.get_pretrained_cfg(base_tag).to_dict()
+        cfg = timm.models.get_pretrained_cfg(f'{name}.{base_tag.split(".", 1)[1]}').to_dict()
+        for field in ('hf_hub_id', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'num_classes', 'license'):
+            assert cfg.get(field) == base_cfg.get(field), (base_tag, field)
+        assert cfg['hf_hub_id'].startswith('timm/') and 'url' not in cfg
+        assert cfg['pool_size'] == tuple(s // 16 for s in cfg['input_size'][1:])
+        assert cfg['first_conv'] == 'conv1' and cfg['classifier'] == 'fc'
         assert 'arXiv:1712.01034' in cfg['paper_ids']
         assert ('arXiv:1811.12006' in cfg['paper_ids']) == name.startswith('gsop')
-        recipe = 'recipes/imagenet_65ep.yaml' if tag == 'in1k' else 'recipes/finegrained_448.yaml'
-        assert spec.recipe == recipe and any(recipe in note for note in cfg['notes'])
-    assert timm.models.get_pretrained_cfg(name).tag == 'in1k'  # the default tag
+    assert timm.models.get_pretrained_cfg(name).tag == timm.models.get_pretrained_cfg(base).tag  # timm's default
 
 
 def test_hub_org_env_override():
-    code = 'import timm, timm_gcp; print(timm.models.get_pretrained_cfg("gcp_resnet50.in1k").hf_hub_id)'
+    code = 'import timm_gcp; print(timm_gcp.HUB_ORG)'
     env = dict(os.environ, TIMM_GCP_HUB_ORG='my-org')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == 'my-org/gcp_resnet50.in1k'
+    assert out.stdout.strip() == 'my-org'
+    assert timm_gcp.HUB_ORG == 'timm-gcp'
+    assert not any(timm.models.get_pretrained_cfg(n).hf_hub_id.startswith('timm-gcp/')
+                   for n in timm.list_pretrained(['gcp_*', 'gsop_*']))  # nothing trained with a GCP head is published
 
 
 def test_published_parameter_counts():
@@ -363,23 +361,12 @@ def test_every_meta_layer_as_head(meta_layer):
     assert torch.isfinite(logits).all() and model.gcp_model_args()['meta_layer'] == meta_layer
 
 
-def test_pretrained_tag_selects_its_meta_layer(monkeypatch):
-    tag = dataclasses.replace(PRETRAINED_TAGS['in1k_ft_cub_448'], meta_layer_kwargs={'num_iter': 2})
-    monkeypatch.setitem(_pretrained.PRETRAINED_TAGS, 'in1k_ft_cub_448', tag)
-    model = timm.create_model('gcp_resnet18.in1k_ft_cub_448', gcp_dim=8)
-    assert model.global_pool.meta_layer.num_iter == 2 and model.num_classes == 200
-    model = timm.create_model('gcp_resnet18.in1k_ft_cub_448', gcp_dim=8, meta_layer_kwargs={'num_iter': 4})
-    assert model.global_pool.meta_layer.num_iter == 4  # the user's choice wins
-    model = timm.create_model('gcp_resnet18.in1k_ft_cub_448', gcp_dim=8, meta_layer='isqrt')
-    assert model.global_pool.meta_layer.num_iter == 5
-
-
 @pytest.mark.parametrize('kwargs, match', [
     (dict(meta_layer='no_such_layer'), 'Unknown meta-layer'),
     (dict(meta_layer='no_such_layer', global_pool='avg'), 'Unknown meta-layer'),  # checked without a GCP head too
-    (dict(meta_layer_kwargs={'num_iter': 0}, global_pool='avg'), 'num_iter must be >= 1'),
+    (dict(meta_layer_kwargs={'num_iter': 0}, global_pool='avg'), 'num_iter must be'),
     (dict(gcp_dim=0), r'gcp_dim must be an int from 1 to 512'),
-    (dict(gcp_dim=513), r'gcp_dim must be an int from 1 to 512'),
+    (dict(gcp_dim=513), r'^gcp_resnet18: gcp_dim must be an int from 1 to 512'),  # names the model
     (dict(gcp_dim=16.0), r'gcp_dim must be an int'),
     (dict(gcp_dim='256'), r'gcp_dim must be an int'),
     (dict(layer4_stride=4), 'layer4_stride must be 1'),

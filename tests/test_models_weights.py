@@ -1,5 +1,5 @@
 """Weights in and out of GCP models: Hub-format export and reload (local-dir:, offline hf-hub:), head replacement,
-the error for unpublished tags, and backbone initialisation from plain timm ResNets."""
+and backbone initialisation from plain timm ResNets."""
 import json
 import logging
 import shutil
@@ -13,7 +13,6 @@ import torch
 from timm.models import save_for_hf
 
 import timm_gcp
-from timm_gcp.models import recipe_command
 
 GCP_DIM = 16
 IMG = 32
@@ -105,38 +104,20 @@ def test_hf_hub_offline_round_trip(trained_gcp_resnet18, images, tmp_path, offli
         assert torch.equal(reloaded(images), trained_gcp_resnet18(images))
 
 
-def test_registry_tag_loads_from_hub_cache_and_replaces_only_fc(tmp_path, offline_hub):
-    source = timm.create_model('gcp_resnet50', gcp_dim=GCP_DIM).eval()  # 1000 classes, like the in1k tag
-    add_to_hf_cache(offline_hub, f'{timm_gcp.HUB_ORG}/gcp_resnet50.in1k', export(source, tmp_path / 'export'))
-    same = timm.create_model('gcp_resnet50', pretrained=True, gcp_dim=GCP_DIM)
+def test_gcp_checkpoint_file_loads_whole_and_replaces_only_fc(tmp_path):
+    source = timm.create_model('gcp_resnet50', gcp_dim=GCP_DIM).eval()  # 1000 classes, like an ImageNet tag
+    file = export(source, tmp_path / 'export') / 'model.safetensors'
+    same = timm.create_model('gcp_resnet50', pretrained=True, gcp_dim=GCP_DIM, pretrained_cfg_overlay=dict(file=file))
     assert_same_weights(same, source)
-    transfer = timm.create_model('gcp_resnet50', pretrained=True, num_classes=200, gcp_dim=GCP_DIM)
+    transfer = timm.create_model('gcp_resnet50', pretrained=True, num_classes=200, gcp_dim=GCP_DIM,
+                                 pretrained_cfg_overlay=dict(file=file))
     assert transfer.fc.weight.shape == (200, GCP_DIM * (GCP_DIM + 1) // 2)
     assert_same_weights(transfer, source, skip=('fc.',))  # the GCP reduction and backbone come from the checkpoint
-
-
-@pytest.mark.parametrize('name, recipe', [
-    ('gcp_resnet18.in1k', 'recipes/imagenet_65ep.yaml'),
-    ('gcp_resnet18.in1k_ft_cars_448', 'recipes/finegrained_448.yaml'),
-    ('gsop_resnet50', 'recipes/imagenet_65ep.yaml'),
-])
-def test_unpublished_weights_fail_with_tag_and_recipe(name, recipe, offline_hub):
-    tag_name = name if '.' in name else f'{name}.in1k'
-    with pytest.raises(RuntimeError) as info:
-        timm.create_model(name, pretrained=True, gcp_dim=GCP_DIM)
-    message = str(info.value)
-    assert f'{tag_name} has no published weights yet' in message
-    assert f'{timm_gcp.HUB_ORG}/{tag_name}' in message and recipe in message
-    assert recipe_command(*tag_name.split('.')) in message
-
-
-def test_recipe_commands():
-    assert recipe_command('gcp_resnet50', 'in1k') == (
-        'accelerate launch train.py -c recipes/imagenet_65ep.yaml --model gcp_resnet50 --num-classes 1000 '
-        '--data-dir /path/to/imagenet')
-    assert recipe_command('gsop_resnet101', 'in1k_ft_cub_448') == (
-        'accelerate launch train.py -c recipes/finegrained_448.yaml --model gsop_resnet101.in1k --pretrained '
-        '--num-classes 200 --data-dir /path/to/cub')
+    partial = {k: v for k, v in source.state_dict().items() if k != 'global_pool.bn.weight'}
+    safetensors.torch.save_file(partial, tmp_path / 'partial.safetensors')
+    with pytest.raises(ValueError, match=r'gcp_resnet50.* 1 missing \(e\.g\. global_pool\.bn\.weight\)'):
+        timm.create_model('gcp_resnet50', pretrained=True, gcp_dim=GCP_DIM,
+                          pretrained_cfg_overlay=dict(file=tmp_path / 'partial.safetensors'))
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,5 @@
-"""Initialise a GCP model's backbone from a plain timm ResNet checkpoint (a file or a timm pretrained name)."""
+"""Initialise a GCP model's backbone from a plain timm checkpoint of its backbone architecture: the one loading path
+of `pretrained=True` (as timm's `pretrained_filter_fn`) and of `load_backbone_weights`."""
 import logging
 import os
 from pathlib import Path
@@ -9,14 +10,11 @@ import torch
 from timm.models import load_state_dict
 from torch import nn
 
-from ..layers import GCPPool, GSoPBlock
-
-__all__ = ['load_backbone_weights', 'state_dict_differences']
+__all__ = ['load_backbone_weights', 'backbone_filter_fn', 'state_dict_differences']
 
 _logger = logging.getLogger(__name__)
 
 _CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.tar')
-_CLASSIFIER = 'fc.'
 
 
 def _read_state_dict(source: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
@@ -40,36 +38,67 @@ def state_dict_differences(expected: Mapping[str, torch.Tensor], given: Mapping[
     return missing, unexpected, mismatched
 
 
-def _new_module_prefixes(model: nn.Module) -> List[str]:
-    """Names of the modules a plain ResNet lacks: the GCP head, GSoP blocks and the classifier."""
-    prefixes = [f'{name}.' for name, module in model.named_modules() if isinstance(module, (GCPPool, GSoPBlock))]
-    return prefixes + [_CLASSIFIER]
+def _check_complete(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str,
+                    model: nn.Module, what: str) -> None:
+    missing, unexpected, mismatched = state_dict_differences(expected, given)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if missing or unexpected or mismatched:
+        problems = [f'{len(keys)} {kind} (e.g. {", ".join(keys[:3])})'
+                    for kind, keys in (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched))
+                    if keys]
+        raise ValueError(f'{source} is not {what} for {_model_name(model)} with these layers: {"; ".join(problems)}.')
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+
+
+def select_backbone_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str
+                            ) -> Dict[str, torch.Tensor]:
+    """The tensors of `state_dict` that `model` takes, under its key names.
+
+    A GCP checkpoint of the model (an export) must hold every key. A plain timm checkpoint of the backbone
+    architecture must hold every backbone tensor; its classifier is dropped and the GCP head, GSoP blocks and `fc`
+    stay as initialised (logged once). Anything else raises ValueError.
+    """
+    expected = model.state_dict()
+    if model.is_gcp_checkpoint(state_dict):  # `fc` is left to timm, which drops it for another num_classes
+        _check_complete(_without_fc(expected), _without_fc(state_dict), source, model, 'a checkpoint')
+        return state_dict
+    checkpoint = model.backbone_checkpoint(state_dict)
+    new_prefixes = model.new_module_prefixes()
+    backbone = {k: v for k, v in expected.items() if not k.startswith(new_prefixes)}
+    _check_complete(backbone, checkpoint, source, model, f'a backbone checkpoint (expected {_backbone_hint(model)})')
+    new_keys = sorted(k for k in expected if k not in checkpoint)
+    _logger.warning('Initialised the backbone of %s from %s; %d keys are new (freshly initialised): %s',
+                    _model_name(model), source, len(new_keys), ', '.join(new_keys))
+    return checkpoint
+
+
+def _without_fc(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+
+
+def _backbone_hint(model: nn.Module) -> str:
+    base = getattr(model, 'base_arch', None)
+    return f'a plain timm {base}.* checkpoint' if base else 'a plain timm ResNet of the same depth'
+
+
+def backbone_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm `pretrained_filter_fn` of every GCP model (see `select_backbone_weights`)."""
+    cfg = getattr(model, 'pretrained_cfg', {})
+    source = cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the pretrained checkpoint'  # timm's order
+    return select_backbone_weights(state_dict, model, source)
 
 
 def load_backbone_weights(model: nn.Module, source: Union[str, os.PathLike]) -> List[str]:
-    """Load the backbone of `model` from a plain timm ResNet checkpoint and return the keys left freshly initialised.
+    """Load the backbone of `model` from a plain timm checkpoint and return the keys left freshly initialised.
 
     `source` is a checkpoint file (.safetensors/.pth/.bin, bare or inside {'state_dict': ...}) or a timm pretrained
-    name ('resnet50.a1_in1k', 'resnet50.tv_in1k', 'hf-hub:...'). The checkpoint's classifier is dropped; the GCP
-    head, GSoP blocks and `fc` keep their initialisation. Raises ValueError when the checkpoint is not a backbone of
-    the same architecture (missing, unexpected or differently shaped keys).
+    name ('resnet50.a1_in1k', 'hf-hub:...'). The checkpoint's classifier is dropped; the GCP head, GSoP blocks and
+    `fc` keep their initialisation. Raises ValueError when the checkpoint is not a backbone of the same architecture
+    (missing, unexpected or differently shaped keys). `pretrained=True` on a tag loads the same way.
     """
-    checkpoint = {k: v for k, v in _read_state_dict(source).items() if not k.startswith(_CLASSIFIER)}
-    new_prefixes = tuple(_new_module_prefixes(model))
-    target = {k: v for k, v in model.state_dict().items() if not k.startswith(new_prefixes)}
-    missing, unexpected, mismatched = state_dict_differences(target, checkpoint)
-    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
-    if missing or unexpected or mismatched:
-        problems = [f'{len(keys)} {what} (e.g. {", ".join(keys[:3])})'
-                    for what, keys in (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched))
-                    if keys]
-        raise ValueError(
-            f'{source} is not a backbone checkpoint for {type(model).__name__} with these layers: '
-            f'{"; ".join(problems)}. Expected a plain timm ResNet of the same depth (e.g. resnet50.* for '
-            f'gcp_resnet50 / gsop_resnet50).')
+    checkpoint = select_backbone_weights(_read_state_dict(source), model, str(source))
     model.load_state_dict(checkpoint, strict=False)
-    new_keys = sorted(k for k in model.state_dict() if k not in checkpoint)
-    _logger.warning(
-        'Initialised the backbone from %s; %d keys are new (freshly initialised): %s',
-        source, len(new_keys), ', '.join(new_keys))
-    return new_keys
+    return sorted(k for k in model.state_dict() if k not in checkpoint)

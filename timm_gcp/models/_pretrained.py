@@ -1,110 +1,103 @@
-"""Pretrained tags: the Hub organisation, what each tag is, the recipe that produces it, and how models are built."""
+"""Pretrained tags of GCP models: timm's own backbone weights under a fresh GCP head, derived from timm's pretrained
+cfgs at import, and the build path that loads them with one clear error when the Hub cannot deliver them."""
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Type
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Type
 
-from huggingface_hub.errors import EntryNotFoundError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
+from timm.models._registry import get_arch_pretrained_cfgs, split_model_name_tag
 from torch import nn
 
-__all__ = ['HUB_ORG', 'PretrainedTag', 'PRETRAINED_TAGS', 'pretrained_cfgs', 'recipe_command', 'build_gcp_model']
+from ._backbone import backbone_filter_fn
+
+__all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'backbone_tags', 'build_gcp_model']
 
 HUB_ORG: str = os.environ.get('TIMM_GCP_HUB_ORG', 'timm-gcp')
-"""Hugging Face Hub organisation of every published timm-gcp weight (env `TIMM_GCP_HUB_ORG`, read at import)."""
+"""Hugging Face Hub organisation for weights trained with a GCP head (env `TIMM_GCP_HUB_ORG`, read at import).
+None is published yet, so no registered tag points there: every tag loads a timm backbone (`timm/...`)."""
 
 ISQRT_COV_PAPER = 'arXiv:1712.01034'
 GSOP_PAPER = 'arXiv:1811.12006'
 
-
-@dataclass(frozen=True)
-class PretrainedTag:
-    """What one pretrained tag is: data, resolution, classes, the recipe and start point that produce it, and the
-    meta-layer its weights were trained with."""
-    dataset: str
-    num_classes: int
-    img_size: int
-    crop_pct: float
-    recipe: str
-    data_dir: str
-    init_tag: Optional[str] = None  # the tag of the same architecture it is fine-tuned from
-    meta_layer: str = 'isqrt'
-    meta_layer_kwargs: Optional[Dict[str, Any]] = None  # None: the architecture's default options
+_PROBE_TIMEOUT_S = 10
 
 
-_FINEGRAINED = 'recipes/finegrained_448.yaml'
-PRETRAINED_TAGS: Dict[str, PretrainedTag] = {
-    'in1k': PretrainedTag('ImageNet-1k', 1000, 224, 0.875, 'recipes/imagenet_65ep.yaml', '/path/to/imagenet'),
-    'in1k_ft_cub_448': PretrainedTag('CUB-200-2011', 200, 448, 1.0, _FINEGRAINED, '/path/to/cub', 'in1k'),
-    'in1k_ft_aircraft_448': PretrainedTag('FGVC-Aircraft', 100, 448, 1.0, _FINEGRAINED, '/path/to/aircraft', 'in1k'),
-    'in1k_ft_cars_448': PretrainedTag('Stanford Cars', 196, 448, 1.0, _FINEGRAINED, '/path/to/cars', 'in1k'),
-}
-
-
-def recipe_command(arch: str, tag: str) -> str:
-    """The command that trains `arch.tag`."""
-    spec = PRETRAINED_TAGS[tag]
-    model = f'{arch}.{spec.init_tag} --pretrained' if spec.init_tag else arch
-    return (f'accelerate launch train.py -c {spec.recipe} --model {model} --num-classes {spec.num_classes} '
-            f'--data-dir {spec.data_dir}')
-
-
-def pretrained_cfgs(
-        arch: str,
-        description: str,
-        paper_ids: Tuple[str, ...],
-        paper_name: str,
-        reduction: int = 16,
-) -> Dict[str, Dict[str, Any]]:
-    """timm pretrained cfgs of every tag of `arch` ('arch.tag' -> cfg), each with its full Hub id."""
+def backbone_tags(arch: str, base_arch: str, description: str,
+                  adapt: Optional[Callable[[PretrainedCfg], Dict[str, Any]]] = None) -> Dict[str, PretrainedCfg]:
+    """'arch.tag' -> pretrained cfg for every tag of timm's `base_arch` whose weights are a timm Hub repo: the
+    backbone's weights, data config and license, with the fields `adapt(cfg)` returns replaced."""
+    base_cfgs = get_arch_pretrained_cfgs(base_arch)
     cfgs = {}
-    for tag, spec in PRETRAINED_TAGS.items():
-        pool = spec.img_size // reduction
-        cfgs[f'{arch}.{tag}'] = dict(
-            hf_hub_id=f'{HUB_ORG}/{arch}.{tag}',
-            num_classes=spec.num_classes,
-            input_size=(3, spec.img_size, spec.img_size),
-            pool_size=(pool, pool),
-            crop_pct=spec.crop_pct,
-            interpolation='bilinear',
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
-            first_conv='conv1',
-            classifier='fc',
-            license='apache-2.0',
-            paper_ids=paper_ids,
-            paper_name=paper_name,
-            description=f'{description}, {spec.meta_layer} meta-layer, trained on {spec.dataset} at {spec.img_size} px',
-            notes=(f'recipe: {spec.recipe}', f'produced by: {recipe_command(arch, tag)}'),
-        )
+    for name, cfg in base_cfgs.items():
+        if not (cfg.hf_hub_id or '').startswith('timm/') or cfg.custom_load == 'hf':
+            continue
+        tag = split_model_name_tag(name)[1]
+        changes = dict(url=None, custom_load=False,  # the Hub's safetensors, not an original release file
+                       description=f'{description}; backbone {cfg.hf_hub_id}, GCP head freshly initialised')
+        cfgs[f'{arch}.{tag}'] = replace(cfg, **changes, **(adapt(cfg) if adapt else {}))
+    if not cfgs and base_cfgs:  # no loadable weights: the base's data config, untagged
+        cfg = next(iter(base_cfgs.values()))
+        cfgs[arch] = replace(cfg, url=None, file=None, hf_hub_id=None, hf_hub_filename=None, description=description,
+                             **(adapt(cfg) if adapt else {}))
     return cfgs
 
 
-def _weights_from_hub(cfg: PretrainedCfg) -> bool:
-    return bool(cfg.hf_hub_id) and not cfg.file and not cfg.state_dict and cfg.source != 'local-dir'
+def _unknown_tag(variant: str, tag: str) -> ValueError:
+    tags = [name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(variant)]
+    return ValueError(
+        f'{variant} has no pretrained tag {tag!r}; its tags are those of its timm backbone: {", ".join(tags)} '
+        f'(timm.list_pretrained("{variant}.*")). Use one of them, or the bare name {variant!r} for the default.')
 
 
-def _unpublished_error(variant: str, tag: str, cfg: PretrainedCfg, cause: BaseException) -> RuntimeError:
+def _fetch_error(variant: str, cfg: PretrainedCfg, cause: BaseException) -> RuntimeError:
+    if constants.HF_HUB_OFFLINE:
+        reason = 'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache'
+    else:
+        reason = f'{constants.ENDPOINT} cannot deliver them: {type(cause).__name__}: {str(cause).splitlines()[0]}'
     return RuntimeError(
-        f'{variant}.{tag} has no published weights yet or the Hub cannot be reached (hub id {cfg.hf_hub_id} not '
-        f'reachable: {type(cause).__name__}). Produce them with `{recipe_command(variant, tag)}` '
-        f'(recipe {PRETRAINED_TAGS[tag].recipe}), or start from a timm ResNet with '
-        f'timm_gcp.load_backbone_weights(model, "resnet50.a1_in1k").'
-    )
+        f'{variant}.{cfg.tag}: cannot load the backbone weights of Hub repo {cfg.hf_hub_id} ({reason}). Load it once '
+        f'with network access to fill the cache (HF_HUB_OFFLINE=1 works after that), pass a local copy with '
+        f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"), or use pretrained=False.')
+
+
+def _check_hub_reachable(variant: str, cfg: PretrainedCfg) -> None:
+    """Fail within seconds when the weights are neither cached nor reachable (huggingface_hub would retry for about
+    a minute first)."""
+    filename = cfg.hf_hub_filename or 'model.safetensors'
+    repo_id, _, revision = cfg.hf_hub_id.partition('@')
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision or None),
+                                              str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision or None), timeout=_PROBE_TIMEOUT_S)
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return  # reachable; timm looks for its other file names and reports a missing revision itself
+    except Exception as err:  # refused, timed out, unknown repo: any of them means no weights
+        raise _fetch_error(variant, cfg, err) from err
 
 
 def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """`build_model_with_cfg` plus two things: the tag's meta-layer is the default, and weights that cannot be
-    fetched from the Hub raise an error naming the tag and the recipe that produces them."""
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    spec = PRETRAINED_TAGS.get(cfg.tag)
-    if spec is not None and 'meta_layer' not in kwargs:
-        kwargs['meta_layer'] = spec.meta_layer
-        if spec.meta_layer_kwargs is not None:
-            kwargs.setdefault('meta_layer_kwargs', dict(spec.meta_layer_kwargs))
+    """`build_model_with_cfg` for GCP models: pretrained weights go through `backbone_filter_fn` (every backbone
+    tensor required, GCP head fresh), and a bad tag, bad model kwargs or unreachable weights raise one error that
+    names the model and the tag."""
     try:
-        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    except (OSError, EntryNotFoundError) as err:
-        if not (pretrained and spec is not None and _weights_from_hub(cfg)):
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    except RuntimeError:
+        raise _unknown_tag(variant, str(kwargs.get('pretrained_cfg'))) from None
+    from_hub = pretrained and bool(cfg.hf_hub_id) and not (cfg.file or cfg.state_dict or cfg.source == 'local-dir')
+    if from_hub:
+        _check_hub_reachable(variant, cfg)
+    try:
+        return build_model_with_cfg(
+            model_cls, variant, pretrained, pretrained_strict=False, pretrained_filter_fn=backbone_filter_fn,
+            **kwargs)
+    except (OSError, HfHubHTTPError, EntryNotFoundError) as err:
+        if not from_hub:
             raise
-        raise _unpublished_error(variant, cfg.tag, cfg, err) from err
+        raise _fetch_error(variant, cfg, err) from None
+    except ValueError as err:
+        if variant in str(err):
+            raise
+        raise ValueError(f'{variant}: {err}') from None

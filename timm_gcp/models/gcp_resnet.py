@@ -3,17 +3,17 @@
 Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
 Normalization", CVPR 2018 (arXiv:1712.01034).
 """
-from typing import Any, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
-from timm.layers import create_classifier
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import register_notrace_function
+from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers import GCPPool
-from ..meta_layers import create_meta_layer
-from ._pretrained import ISQRT_COV_PAPER, build_gcp_model, pretrained_cfgs
+from ._head import GcpHeadMixin
+from ._pretrained import ISQRT_COV_PAPER, backbone_tags, build_gcp_model
 
 __all__ = ['GcpResNet']
 
@@ -25,7 +25,7 @@ def _remove_stride(stage: nn.Sequential) -> None:
             module.stride = (1, 1)
 
 
-class GcpResNet(ResNet):
+class GcpResNet(GcpHeadMixin, ResNet):
     """timm ResNet whose `global_pool` is a GCP module (1x1 reduction, covariance, meta-layer, triu) and whose `fc`
     classifies the d(d+1)/2 second-order features. `num_features` stays the backbone width; `head_hidden_size` is the
     width of the pooled features. `global_pool` may also be any timm pool type ('avg', '', ...)."""
@@ -85,60 +85,30 @@ class GcpResNet(ResNet):
             dropcov=self.dropcov,
         )
 
-    @property
-    def meta_layer_name(self) -> str:
-        """The GCP head's meta-layer (without a GCP head: the one a GCP head would get)."""
-        return self.global_pool.meta_layer_name if isinstance(self.global_pool, GCPPool) else self._meta_layer[0]
-
-    @property
-    def meta_layer_kwargs(self) -> Dict[str, Any]:
-        """Options of `meta_layer_name`."""
-        return self.global_pool.meta_layer_kwargs if isinstance(self.global_pool, GCPPool) else self._meta_layer[1]
-
-    def set_meta_layer(self, name: str, **kwargs) -> None:
-        """Switch the head's matrix normalisation, keeping every parameter (the hybrid protocol)."""
-        if isinstance(self.global_pool, GCPPool):
-            self.global_pool.set_meta_layer(name, **kwargs)
-            self.global_pool.meta_layer = self._like_backbone(self.global_pool.meta_layer)
-        else:
-            create_meta_layer(name, **kwargs)  # validate now; used when a GCP head is attached
-        self._meta_layer = (name, dict(kwargs))
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New `fc` for `num_classes` (0: none). `global_pool` None keeps the current pooling (a GCP head keeps its
-        trained reduction); 'gcp' attaches a GCP head; other timm pool types ('avg', '' for none) replace it."""
-        self._meta_layer = (self.meta_layer_name, dict(self.meta_layer_kwargs))  # outlives a replaced GCP head
-        global_pool = self.global_pool.pool_type if global_pool is None else global_pool
-        self.num_classes = num_classes
-        if global_pool == 'gcp':
-            if not isinstance(self.global_pool, GCPPool):
-                self.global_pool = GCPPool(
-                    self.num_features, self.gcp_dim, self.meta_layer_name, self.meta_layer_kwargs, self.dropcov)
-            self.head_hidden_size = self.global_pool.out_features
-            self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        else:
-            self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool, self.fc = self._like_backbone(self.global_pool), self._like_backbone(self.fc)
-
-    def _like_backbone(self, module: nn.Module) -> nn.Module:
-        """`module` on the backbone's device and dtype, in the model's train/eval mode."""
-        reference = next(self.conv1.parameters())  # a deep stem's conv1 is a Sequential
-        return module.to(device=reference.device, dtype=reference.dtype).train(self.training)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{type(self).__name__} expects images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
+        _check_images(x, self.in_chans, type(self).__name__)
         return super().forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if isinstance(self.global_pool, GCPPool) and x.shape[-1] * x.shape[-2] < 2:
-            reduction = self.feature_info[-1]['reduction']
-            raise ValueError(
-                f'covariance pooling needs a feature map of at least 2 positions, got {tuple(x.shape[-2:])}: this '
-                f'network downsamples by {reduction}, so inputs must be larger than {reduction}x{reduction} px')
+        if isinstance(self.global_pool, GCPPool):
+            _check_feature_map(x, self.feature_info[-1]['reduction'])
         return super().forward_head(x, pre_logits)
+
+
+@register_notrace_function
+def _check_images(x: torch.Tensor, in_chans: int, name: str) -> None:
+    """Raise ValueError unless `x` is a (B, in_chans, H, W) batch (skipped by torch.fx tracing)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'{name} expects images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
+
+
+@register_notrace_function
+def _check_feature_map(x: torch.Tensor, reduction: int) -> None:
+    """Raise ValueError when the final map has fewer than 2 positions (skipped by torch.fx tracing)."""
+    if x.shape[-1] * x.shape[-2] < 2:
+        raise ValueError(
+            f'covariance pooling needs a feature map of at least 2 positions, got {tuple(x.shape[-2:])}: this '
+            f'network downsamples by {reduction}, so inputs must be larger than {reduction}x{reduction} px')
 
 
 _DESCRIPTION = 'GCP ResNet (iSQRT-COV: layer4 stride 1, 1x1 reduction to 256, covariance, meta-layer, triu, FC)'
@@ -151,10 +121,25 @@ _ARCHS = {
     'gcp_resnet152': (Bottleneck, (3, 8, 36, 3)),
 }
 
+
+def stride16_cfg(paper_ids: Tuple[str, ...], paper_name: str) -> Callable[[PretrainedCfg], Dict[str, Any]]:
+    """`backbone_tags` adapter for GCP ResNets: pool sizes at stride 16, the GCP papers before the backbone's."""
+    def adapt(cfg: PretrainedCfg) -> Dict[str, Any]:
+        base_papers = (cfg.paper_ids,) if isinstance(cfg.paper_ids, str) else tuple(cfg.paper_ids or ())
+        return dict(pool_size=_pool_size(cfg.input_size), test_pool_size=_pool_size(cfg.test_input_size),
+                    paper_ids=paper_ids + base_papers, paper_name=paper_name)
+    return adapt
+
+
+def _pool_size(input_size: Optional[Tuple[int, int, int]]) -> Optional[Tuple[int, int]]:
+    return tuple(s // 16 for s in input_size[1:]) if input_size else None
+
+
 default_cfgs = generate_default_cfgs({
     name: cfg
     for arch in _ARCHS
-    for name, cfg in pretrained_cfgs(arch, _DESCRIPTION, (ISQRT_COV_PAPER,), _PAPER).items()
+    for name, cfg in backbone_tags(
+        arch, arch[len('gcp_'):], _DESCRIPTION, stride16_cfg((ISQRT_COV_PAPER,), _PAPER)).items()
 })
 
 

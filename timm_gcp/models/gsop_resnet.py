@@ -10,8 +10,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck
 
 from ..layers import GSoPBlock
-from ._pretrained import GSOP_PAPER, ISQRT_COV_PAPER, build_gcp_model, pretrained_cfgs
-from .gcp_resnet import GcpResNet
+from ._pretrained import GSOP_PAPER, ISQRT_COV_PAPER, backbone_tags, build_gcp_model
+from .gcp_resnet import GcpResNet, stride16_cfg
 
 __all__ = ['GSoPResNet']
 
@@ -69,7 +69,8 @@ _ARCHS = {
 default_cfgs = generate_default_cfgs({
     name: cfg
     for arch in _ARCHS
-    for name, cfg in pretrained_cfgs(arch, _DESCRIPTION, (GSOP_PAPER, ISQRT_COV_PAPER), _PAPER).items()
+    for name, cfg in backbone_tags(
+        arch, arch.replace('gsop_', ''), _DESCRIPTION, stride16_cfg((GSOP_PAPER, ISQRT_COV_PAPER), _PAPER)).items()
 })
 
 

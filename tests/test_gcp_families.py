@@ -1,0 +1,208 @@
+"""The timm model contract for `gcp_<timm name>` models: one small model per registered family."""
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from timm.models import save_for_hf
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+import timm_gcp
+from timm_gcp.layers import GCPPool
+
+GCP_DIM = 8
+TRIU = GCP_DIM * (GCP_DIM + 1) // 2
+NUM_CLASSES = 5
+IMG = 64  # 2x2 final maps at stride 32
+FAMILY_MODELS = {  # timm module -> (model, kwargs) small enough for a shared 2-core machine
+    'convnext': ('gcp_test_convnext', {}),
+    'efficientnet': ('gcp_test_efficientnet', {}),
+    'regnet': ('gcp_regnetx_002', {}),
+    'resnet': ('gcp_test_resnet', {}),
+    'resnetv2': ('gcp_resnetv2_50x1_bit', {}),
+    'vision_transformer': ('gcp_test_vit', dict(img_size=IMG)),
+    'swin_transformer': ('gcp_swin_tiny_patch4_window7_224', dict(img_size=IMG, window_size=4)),
+}
+
+
+def test_every_family_has_a_model_here():
+    assert set(FAMILY_MODELS) == set(timm_gcp.FAMILIES)
+
+
+@pytest.fixture(scope='module', params=sorted(FAMILY_MODELS))
+def case(request) -> dict:
+    name, kwargs = FAMILY_MODELS[request.param]
+    images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
+    model = timm.create_model(name, num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, **kwargs).eval()
+    with torch.no_grad():
+        feats, intermediates = model.forward_intermediates(images)
+        logits = model(images)
+    return dict(family=request.param, name=name, kwargs=kwargs, images=images, model=model, feats=feats,
+                intermediates=intermediates, logits=logits)
+
+
+def _as_map(case: dict, feats: torch.Tensor) -> torch.Tensor:
+    """The (B, C, H, W) map the head pools, written out per layout."""
+    if case['family'] == 'vision_transformer':
+        return feats[:, 1:].transpose(1, 2).unsqueeze(-1)  # test_vit has one class token
+    if case['family'] == 'swin_transformer':
+        return feats.permute(0, 3, 1, 2)
+    return feats
+
+
+def test_features_head_and_logits(case):
+    model, feats = case['model'], case['feats']
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(case['images']), feats, rtol=0, atol=0)
+        pre = model.forward_head(feats, pre_logits=True)
+        reference = model.global_pool(_as_map(case, feats))  # the GCP head on the map, without the wrapper
+    assert feats.shape[-1 if case['family'] in ('vision_transformer', 'swin_transformer') else 1] == model.num_features
+    assert isinstance(model.global_pool, GCPPool) and model.head_hidden_size == TRIU == pre.shape[1]
+    torch.testing.assert_close(pre, reference, rtol=0, atol=0)
+    assert case['logits'].shape == (2, NUM_CLASSES) and torch.isfinite(case['logits']).all()
+    assert model.get_classifier() is model.fc
+    state = model.state_dict()
+    cfg = model.pretrained_cfg
+    assert f'{cfg["classifier"]}.weight' in state and f'{cfg["first_conv"]}.weight' in state
+
+
+def test_tokens_pool_without_class_token():
+    model = timm.create_model('gcp_test_vit', img_size=32, num_classes=0, gcp_dim=GCP_DIM).eval()
+    tokens = torch.randn(2, 5, 64)  # class token + 2x2 patches
+    changed = tokens.clone()
+    changed[:, 0] = torch.randn(2, 64) * 100  # another class token
+    shuffled = tokens[:, [0, 3, 1, 4, 2]]  # the patch tokens in another order: a covariance does not see order
+    with torch.no_grad():
+        pooled = model.forward_head(tokens)
+        torch.testing.assert_close(model.forward_head(changed), pooled, rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_head(shuffled), pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_every_parameter_is_trained(case):
+    model = copy.deepcopy(case['model']).train()  # DDP fails on parameters without gradients
+    model(case['images']).logsumexp(-1).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_intermediates_and_feature_info(case):
+    model = case['model']
+    assert len(case['intermediates']) == len(model.feature_info)
+    for info, x in zip(model.feature_info, case['intermediates']):
+        assert x.shape[1] == info['num_chs'] and info['module'].startswith('backbone.')
+        assert x.shape[-1] == case['images'].shape[-1] // info['reduction']
+        model.get_submodule(info['module'])  # names a real module
+
+
+def test_features_only(case):
+    features_model = timm.create_model(case['name'], features_only=True, **case['kwargs']).eval()
+    with torch.no_grad():
+        features = features_model(case['images'])
+    channel_dim = -1 if case['family'] == 'swin_transformer' else 1  # timm's Swin features are NHWC
+    assert [f.shape[channel_dim] for f in features] == features_model.feature_info.channels()
+    model_info = [(i['num_chs'], i['reduction']) for i in case['model'].feature_info]
+    assert list(zip(features_model.feature_info.channels(), features_model.feature_info.reduction())) == [
+        model_info[i] for i in features_model.feature_info.out_indices]
+
+
+def test_reset_classifier(case):
+    m, feats = copy.deepcopy(case['model']), case['feats']
+    pool = m.global_pool
+    with torch.no_grad():
+        pre = m.forward_head(feats, pre_logits=True)
+        m.reset_classifier(3)
+        assert m.global_pool is pool and m.forward_head(feats).shape == (2, 3)  # the trained reduction is kept
+        m.reset_classifier(0)
+        torch.testing.assert_close(m.forward_head(feats), pre)
+        m.reset_classifier(0, '')  # no pooling: the base's own unpooled output
+        torch.testing.assert_close(m.forward_head(feats), feats)
+        m.reset_classifier(4, 'avg')
+        assert m.head_hidden_size == m.num_features and m.forward_head(feats).shape == (2, 4)
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), _as_map(case, feats).mean((2, 3)))
+        m.reset_classifier(7, 'gcp')
+        assert isinstance(m.global_pool, GCPPool) and m.forward_head(feats).shape == (2, 7)
+    headless = timm.create_model(case['name'], num_classes=0, global_pool='', **case['kwargs']).eval()
+    with torch.no_grad():
+        assert headless(case['images']).shape == feats.shape
+
+
+def test_prune_intermediate_layers(case):
+    m = copy.deepcopy(case['model'])
+    m.prune_intermediate_layers(indices=[1])
+    with torch.no_grad():
+        kept = m.forward_intermediates(case['images'], indices=[1], intermediates_only=True)
+    assert m.num_classes == 0
+    torch.testing.assert_close(kept[0], case['intermediates'][1])
+
+
+def test_grad_checkpointing(case):
+    model = copy.deepcopy(case['model'])
+    x = case['images'][:1].clone().requires_grad_(True)
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, case['logits'][:1], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_layer_decay_groups(case):
+    model = case['model']
+    optimizer = create_optimizer_v2(model, 'sgd', lr=0.1, weight_decay=1e-4, layer_decay=0.75)
+    scale = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    params = dict(model.named_parameters())
+    assert len(scale) == len(params)
+    for name in ('fc.weight', 'global_pool.conv.weight', 'global_pool.bn.weight'):
+        assert scale[id(params[name])] == 1.0  # the head learns at the full rate
+    first = next(iter(params))  # the stem's first parameter
+    assert first.startswith('backbone.') and scale[id(params[first])] == min(scale.values()) < 1.0
+
+
+def test_export_round_trip(case, tmp_path):
+    model = copy.deepcopy(case['model'])
+    model.set_meta_layer('isqrt', num_iter=3)
+    save_for_hf(model, tmp_path, safe_serialization=True, model_args=model.gcp_model_args())
+    reloaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    saved_args = json.loads((tmp_path / 'config.json').read_text())['model_args']  # timm writes img_size as [h, w]
+    assert reloaded.gcp_model_args() == saved_args == json.loads(json.dumps(model.gcp_model_args())) | saved_args
+    with torch.no_grad():
+        assert torch.equal(reloaded(case['images']), model(case['images']))
+
+
+def test_gcp_dim_default_and_limit():
+    with torch.device('meta'):
+        assert timm.create_model('gcp_test_vit').gcp_dim == 64  # the backbone width, below 256
+        assert timm.create_model('gcp_convnext_tiny').gcp_dim == 256
+    with pytest.raises(ValueError, match=r'gcp_dim of gcp_test_vit must be an int from 1 to 64 .*got 65'):
+        timm.create_model('gcp_test_vit', gcp_dim=65)
+
+
+def test_base_options_pass_through():
+    with torch.device('meta'):
+        model = timm.create_model('gcp_test_vit', img_size=48, drop_path_rate=0.1, meta_layer='cov')
+    assert model.backbone.patch_embed.img_size == (48, 48) and model.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model.gcp_model_args()['img_size'] == 48 and model.global_pool.meta_layer_name == 'cov'
+
+
+@pytest.mark.slow
+def test_torch_compile():
+    model = timm.create_model('gcp_test_convnext', num_classes=NUM_CLASSES, gcp_dim=GCP_DIM).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    compiled = torch.compile(model, backend='aot_eager')
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_every_registered_model_builds_and_pools_on_meta():
+    """timm's own check: every gcp_* architecture built on the meta device pools its features to logits."""
+    failures = []
+    for name in timm.list_models(['gcp_*', 'gsop_*']):
+        try:
+            with torch.device('meta'):
+                model = timm.create_model(name, num_classes=3)
+                out = model(torch.empty(1, *model.pretrained_cfg['input_size']))
+            assert out.shape == (1, 3)
+        except Exception as err:  # collected: the assertion names every failing architecture
+            failures.append(f'{name}: {type(err).__name__}: {err}')
+    assert failures == []

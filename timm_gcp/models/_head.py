@@ -1,0 +1,80 @@
+"""The GCP head shared by every GCP model: pooling choice, meta-layer switching and classifier reset."""
+from typing import Any, Dict, Optional, Tuple
+
+from timm.layers import create_classifier
+from torch import nn
+
+from ..layers import GCPPool, GSoPBlock
+from ..meta_layers import create_meta_layer
+
+__all__ = ['GcpHeadMixin']
+
+
+class GcpHeadMixin:
+    """Head methods of a timm model whose `global_pool` is a GCPPool (or any timm pool) followed by `fc`.
+
+    The model sets `num_features`, `gcp_dim` and `dropcov` before calling `set_meta_layer` and `reset_classifier`.
+    """
+    num_features: int
+    gcp_dim: int
+    dropcov: bool
+    global_pool: nn.Module
+    fc: nn.Module
+
+    @property
+    def meta_layer_name(self) -> str:
+        """The GCP head's meta-layer (without a GCP head: the one a GCP head would get)."""
+        return self.global_pool.meta_layer_name if isinstance(self.global_pool, GCPPool) else self._meta_layer[0]
+
+    @property
+    def meta_layer_kwargs(self) -> Dict[str, Any]:
+        """Options of `meta_layer_name`."""
+        return self.global_pool.meta_layer_kwargs if isinstance(self.global_pool, GCPPool) else self._meta_layer[1]
+
+    def set_meta_layer(self, name: str, **kwargs) -> None:
+        """Switch the head's matrix normalisation, keeping every parameter (the hybrid protocol)."""
+        if isinstance(getattr(self, 'global_pool', None), GCPPool):
+            self.global_pool.set_meta_layer(name, **kwargs)
+            self.global_pool.meta_layer = self._like_backbone(self.global_pool.meta_layer)
+        else:
+            create_meta_layer(name, **kwargs)  # validate now; used when a GCP head is attached
+        self._meta_layer = (name, dict(kwargs))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New `fc` for `num_classes` (0: none). `global_pool` None keeps the current pooling (a GCP head keeps its
+        trained reduction); 'gcp' attaches a GCP head; other timm pool types ('avg', '' for none) replace it."""
+        self._meta_layer = (self.meta_layer_name, dict(self.meta_layer_kwargs))  # outlives a replaced GCP head
+        global_pool = self.global_pool.pool_type if global_pool is None else global_pool
+        self.num_classes = num_classes
+        if global_pool == 'gcp':
+            if not isinstance(self.global_pool, GCPPool):
+                self.global_pool = GCPPool(
+                    self.num_features, self.gcp_dim, self.meta_layer_name, self.meta_layer_kwargs, self.dropcov)
+            self.head_hidden_size = self.global_pool.out_features
+            self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        else:
+            self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool, self.fc = self._like_backbone(self.global_pool), self._like_backbone(self.fc)
+
+    def _like_backbone(self, module: nn.Module) -> nn.Module:
+        """`module` on the backbone's device and dtype, in the model's train/eval mode."""
+        reference = next(self.parameters())  # the stem's first parameter
+        return module.to(device=reference.device, dtype=reference.dtype).train(self.training)
+
+    def new_module_prefixes(self) -> Tuple[str, ...]:
+        """State-dict prefixes of what a plain timm backbone lacks: the GCP head, GSoP blocks and `fc`."""
+        gcp = tuple(f'{name}.' for name, m in self.named_modules() if isinstance(m, (GCPPool, GSoPBlock)))
+        return gcp + ('fc.',)
+
+    def is_gcp_checkpoint(self, state_dict: Dict[str, Any]) -> bool:
+        """Whether `state_dict` is this model's own (an export), not a plain timm backbone's."""
+        gcp = tuple(p for p in self.new_module_prefixes() if p != 'fc.')
+        return any(k.startswith(gcp) for k in state_dict)
+
+    def backbone_checkpoint(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        """A plain timm checkpoint of the backbone under this model's key names, without the backbone's classifier."""
+        return {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
