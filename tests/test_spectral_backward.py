@@ -116,3 +116,32 @@ def test_only_assembly_touches_the_full_matrix(method):
     assert counter.large_ops <= 3  # allocate L, mirror the pair values into it (the rest runs on pairs)
     if isinstance(layer, SvdPade):  # Horner: a multiply and an add per power for numerator and denominator together
         assert counter.ops < 3 * 51  # (four per power if the two were evaluated one after the other)
+
+
+@pytest.mark.parametrize('method', sorted(LAYERS))
+def test_rank_deficient_gradient_against_closed_form(method):
+    """M < d: the clamped eigenvalues tie. Closed-form reference in float64: L_ij = (λ_i^½ − λ_j^½)/(λ_i − λ_j) for
+    distinct eigenvalues, 0 for a tied pair (the eigenvector rule's limit once the guard acts), ½λ_i^(−½) on the
+    diagonal; the published Padé must not turn the tied pairs into a zero gradient."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 24, 10, generator=g, dtype=torch.float64)  # rank 9 < 24
+    cov = timm_gcp.covariance(features).requires_grad_()
+    grad_out = torch.randn(2, 24, 24, generator=g, dtype=torch.float64)
+    layer = create_layer(method, torch.float64)
+    grad, = torch.autograd.grad((layer(cov) * grad_out).sum(), cov)
+
+    evals, evecs = torch.linalg.eigh(cov.detach())
+    evals = clamp_eigenvalues(evals, torch.finfo(torch.float64).eps)
+    roots = evals.sqrt()
+    gap = evals[:, :, None] - evals[:, None, :]
+    tied = gap == 0
+    loewner = torch.where(tied, torch.zeros_like(gap), (roots[:, :, None] - roots[:, None, :]) / torch.where(tied, 1, gap))
+    loewner.diagonal(dim1=-2, dim2=-1).copy_(0.5 / roots)
+    sym = 0.5 * (grad_out + grad_out.mT)
+    expected = evecs @ ((evecs.mT @ sym @ evecs) * loewner) @ evecs.mT
+    assert tied.sum() > 2 * 24  # ties off the diagonal exist
+    assert grad.abs().max() > 0
+    if method == 'svd_pi':  # 20 terms of the geometric series: close to, not equal to, the closed form
+        assert torch.linalg.matrix_norm(grad - expected).max() < 0.5 * torch.linalg.matrix_norm(expected).max()
+    else:
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())

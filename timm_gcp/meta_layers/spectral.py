@@ -156,8 +156,10 @@ class _SpectralPowerFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         evals, evecs = ctx.saved_tensors
         grad_eig = evecs.transpose(-1, -2) @ symmetrize(grad_out.to(evecs.dtype)) @ evecs
-        grad = (evecs @ (grad_eig * ctx.loewner(evals, evals.pow(ctx.alpha), ctx.alpha)) @ evecs.transpose(-1, -2))
-        grad = grad.to(grad_out.dtype)
+        loewner = ctx.loewner(evals, evals.pow(ctx.alpha), ctx.alpha)
+        if ctx.guard:  # per entry of L: one tied pair's 0·inf must not turn the whole product into NaN
+            loewner = replace_non_finite(loewner)
+        grad = (evecs @ (grad_eig * loewner) @ evecs.transpose(-1, -2)).to(grad_out.dtype)
         return (replace_non_finite(grad) if ctx.guard else grad), None, None, None, None, None, None
 
 
