@@ -396,6 +396,17 @@ def test_bad_inputs():
         assert model(torch.randn(2, 3, 17, 17)).shape == (2, NUM_CLASSES)
 
 
+def test_fx_traces_the_input_checks(images):
+    model = timm.create_model('gcp_resnet18', num_classes=0, global_pool='').eval()  # the head is GCPPool's business
+    traced = torch.fx.symbolic_trace(model)
+    extractor = timm.models.create_feature_extractor(model, return_nodes=['layer3'])
+    with torch.no_grad():
+        torch.testing.assert_close(traced(images), model(images), rtol=0, atol=0)
+        assert extractor(images)['layer3'].shape == (2, 256, FINAL, FINAL)
+        with pytest.raises(ValueError, match=r'expects images of shape \(B, 3, H, W\)'):
+            traced(images[:, :1])  # the check runs inside the traced graph
+
+
 @pytest.mark.slow
 def test_torch_compile(images):
     model = timm.create_model('gcp_resnet18', num_classes=NUM_CLASSES, gcp_dim=GCP_DIM).eval()

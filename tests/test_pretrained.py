@@ -180,3 +180,21 @@ def test_unreachable_hub_fails_at_once(monkeypatch, tmp_path, caplog):
     assert 'gcp_test_convnext.r160_in1k' in message and 'timm/test_convnext.r160_in1k' in message
     assert 'http://127.0.0.1:9 cannot deliver them' in message and 'pretrained_cfg_overlay' in message
     assert 'Retrying' not in caplog.text  # one attempt, not huggingface_hub's minute of back-off
+
+
+def test_load_backbone_weights_from_an_unreachable_hub(monkeypatch, tmp_path):
+    point_client_at(monkeypatch, 'http://127.0.0.1:9', tmp_path / 'empty-cache')
+    model = timm.create_model('gcp_test_resnet', num_classes=3, gcp_dim=GCP_DIM)
+    with pytest.raises(RuntimeError, match=r'^test_resnet.r160_in1k: cannot load .* Hub repo timm/test_resnet.r160'):
+        timm_gcp.load_backbone_weights(model, 'test_resnet.r160_in1k')
+    go_offline(monkeypatch)
+    with pytest.raises(RuntimeError, match=r'timm/test_resnet.r160_in1k \(HF_HUB_OFFLINE is set'):
+        timm_gcp.load_backbone_weights(model, 'test_resnet.r160_in1k')
+
+
+def test_load_backbone_weights_of_any_family(online):
+    _, served = online
+    model = timm.create_model('gcp_test_vit', num_classes=3, gcp_dim=GCP_DIM)
+    new_keys = timm_gcp.load_backbone_weights(model, 'test_vit.r160_in1k')  # the same loading as pretrained=True
+    assert new_keys and all(k.startswith(('global_pool.', 'fc.')) for k in new_keys)
+    assert torch.equal(model.backbone.blocks[2].mlp.fc1.weight, served['test_vit.r160_in1k']['blocks.2.mlp.fc1.weight'])

@@ -7,8 +7,11 @@ from typing import Dict, List, Mapping, Tuple, Union
 
 import timm
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from timm.models import load_state_dict
 from torch import nn
+
+from ._hub_access import check_hub_reachable, fetch_error
 
 __all__ = ['load_backbone_weights', 'backbone_filter_fn', 'state_dict_differences']
 
@@ -23,8 +26,18 @@ def _read_state_dict(source: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]
         return load_state_dict(name)
     if Path(name).suffix in _CHECKPOINT_SUFFIXES or os.sep in name and not name.startswith('hf-hub:'):
         raise FileNotFoundError(f'backbone checkpoint {name} does not exist')
-    if name.startswith('hf-hub:') or timm.is_model(name.split('.', 1)[0]):
+    if name.startswith('hf-hub:'):
         return timm.create_model(name, pretrained=True).state_dict()
+    if timm.is_model(name.split('.', 1)[0]):
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and cfg.hf_hub_id:
+            check_hub_reachable(name, cfg)
+        try:
+            return timm.create_model(name, pretrained=True).state_dict()
+        except (OSError, EntryNotFoundError) as err:
+            if cfg is None or not cfg.hf_hub_id:
+                raise
+            raise fetch_error(name, cfg, err) from None
     raise ValueError(f'{name!r} is neither a checkpoint file nor a timm model name such as "resnet50.a1_in1k"')
 
 

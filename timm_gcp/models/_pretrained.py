@@ -4,13 +4,13 @@ import os
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Type
 
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._registry import get_arch_pretrained_cfgs, split_model_name_tag
 from torch import nn
 
 from ._backbone import backbone_filter_fn
+from ._hub_access import check_hub_reachable, fetch_error
 
 __all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'backbone_tags', 'build_gcp_model']
 
@@ -20,8 +20,6 @@ None is published yet, so no registered tag points there: every tag loads a timm
 
 ISQRT_COV_PAPER = 'arXiv:1712.01034'
 GSOP_PAPER = 'arXiv:1811.12006'
-
-_PROBE_TIMEOUT_S = 10
 
 
 def backbone_tags(arch: str, base_arch: str, description: str,
@@ -51,33 +49,6 @@ def _unknown_tag(variant: str, tag: str) -> ValueError:
         f'(timm.list_pretrained("{variant}.*")). Use one of them, or the bare name {variant!r} for the default.')
 
 
-def _fetch_error(variant: str, cfg: PretrainedCfg, cause: BaseException) -> RuntimeError:
-    if constants.HF_HUB_OFFLINE:
-        reason = 'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache'
-    else:
-        reason = f'{constants.ENDPOINT} cannot deliver them: {type(cause).__name__}: {str(cause).splitlines()[0]}'
-    return RuntimeError(
-        f'{variant}.{cfg.tag}: cannot load the backbone weights of Hub repo {cfg.hf_hub_id} ({reason}). Load it once '
-        f'with network access to fill the cache (HF_HUB_OFFLINE=1 works after that), pass a local copy with '
-        f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"), or use pretrained=False.')
-
-
-def _check_hub_reachable(variant: str, cfg: PretrainedCfg) -> None:
-    """Fail within seconds when the weights are neither cached nor reachable (huggingface_hub would retry for about
-    a minute first)."""
-    filename = cfg.hf_hub_filename or 'model.safetensors'
-    repo_id, _, revision = cfg.hf_hub_id.partition('@')
-    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision or None),
-                                              str):
-        return
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision or None), timeout=_PROBE_TIMEOUT_S)
-    except (EntryNotFoundError, RevisionNotFoundError):
-        return  # reachable; timm looks for its other file names and reports a missing revision itself
-    except Exception as err:  # refused, timed out, unknown repo: any of them means no weights
-        raise _fetch_error(variant, cfg, err) from err
-
-
 def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """`build_model_with_cfg` for GCP models: pretrained weights go through `backbone_filter_fn` (every backbone
     tensor required, GCP head fresh), and a bad tag, bad model kwargs or unreachable weights raise one error that
@@ -88,7 +59,7 @@ def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool =
         raise _unknown_tag(variant, str(kwargs.get('pretrained_cfg'))) from None
     from_hub = pretrained and bool(cfg.hf_hub_id) and not (cfg.file or cfg.state_dict or cfg.source == 'local-dir')
     if from_hub:
-        _check_hub_reachable(variant, cfg)
+        check_hub_reachable(f'{variant}.{cfg.tag}', cfg)
     try:
         return build_model_with_cfg(
             model_cls, variant, pretrained, pretrained_strict=False, pretrained_filter_fn=backbone_filter_fn,
@@ -96,7 +67,7 @@ def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool =
     except (OSError, HfHubHTTPError, EntryNotFoundError) as err:
         if not from_hub:
             raise
-        raise _fetch_error(variant, cfg, err) from None
+        raise fetch_error(f'{variant}.{cfg.tag}', cfg, err) from None
     except ValueError as err:
         if variant in str(err):
             raise

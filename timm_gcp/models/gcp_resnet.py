@@ -6,7 +6,6 @@ Normalization", CVPR 2018 (arXiv:1712.01034).
 from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
-from timm.layers import register_notrace_function
 from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
@@ -95,20 +94,22 @@ class GcpResNet(GcpHeadMixin, ResNet):
         return super().forward_head(x, pre_logits)
 
 
-@register_notrace_function
 def _check_images(x: torch.Tensor, in_chans: int, name: str) -> None:
-    """Raise ValueError unless `x` is a (B, in_chans, H, W) batch (skipped by torch.fx tracing)."""
+    """Raise ValueError unless `x` is a (B, in_chans, H, W) batch (one opaque call in a torch.fx graph)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(f'{name} expects images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
 
 
-@register_notrace_function
 def _check_feature_map(x: torch.Tensor, reduction: int) -> None:
-    """Raise ValueError when the final map has fewer than 2 positions (skipped by torch.fx tracing)."""
+    """Raise ValueError when the final map has fewer than 2 positions (one opaque call in a torch.fx graph)."""
     if x.shape[-1] * x.shape[-2] < 2:
         raise ValueError(
             f'covariance pooling needs a feature map of at least 2 positions, got {tuple(x.shape[-2:])}: this '
             f'network downsamples by {reduction}, so inputs must be larger than {reduction}x{reduction} px')
+
+
+torch.fx.wrap('_check_images')  # traced as calls, checked when the graph runs
+torch.fx.wrap('_check_feature_map')
 
 
 _DESCRIPTION = 'GCP ResNet (iSQRT-COV: layer4 stride 1, 1x1 reduction to 256, covariance, meta-layer, triu, FC)'

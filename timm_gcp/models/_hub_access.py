@@ -1,0 +1,36 @@
+"""Hub access for pretrained weights: one clear error, at once, when the weights are neither cached nor reachable."""
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+from timm.models import PretrainedCfg
+
+__all__ = ['check_hub_reachable', 'fetch_error']
+
+_PROBE_TIMEOUT_S = 10
+
+
+def fetch_error(name: str, cfg: PretrainedCfg, cause: BaseException) -> RuntimeError:
+    """The error for weights of `name` that neither the cache nor the Hub can deliver, and what to do."""
+    if constants.HF_HUB_OFFLINE:
+        reason = 'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache'
+    else:
+        reason = f'{constants.ENDPOINT} cannot deliver them: {type(cause).__name__}: {str(cause).splitlines()[0]}'
+    return RuntimeError(
+        f'{name}: cannot load the backbone weights of Hub repo {cfg.hf_hub_id} ({reason}). Load it once '
+        f'with network access to fill the cache (HF_HUB_OFFLINE=1 works after that), pass a local copy with '
+        f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"), or use pretrained=False.')
+
+
+def check_hub_reachable(name: str, cfg: PretrainedCfg) -> None:
+    """Fail within seconds when the weights are neither cached nor reachable (huggingface_hub would retry for about
+    a minute first)."""
+    filename = cfg.hf_hub_filename or 'model.safetensors'
+    repo_id, _, revision = cfg.hf_hub_id.partition('@')
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision or None),
+                                              str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision or None), timeout=_PROBE_TIMEOUT_S)
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return  # reachable; timm looks for its other file names and reports a missing revision itself
+    except Exception as err:  # refused, timed out, unknown repo: any of them means no weights
+        raise fetch_error(name, cfg, err) from err
