@@ -98,6 +98,7 @@ class Touch:
         return Path.touch, (self.marker,)
 
 
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')  # the planted pickle's
 @pytest.mark.parametrize('recorded', [True, False])  # False: the attacker also removed the recorded hashes
 @pytest.mark.parametrize('name', ['model.safetensors', 'optimizer.bin', 'random_states_0.pkl', 'trainer_state.json',
                                   'custom_checkpoint_0.pkl'])  # the last: the scheduler state train.py used to pickle
@@ -139,6 +140,9 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_intact_one(tmp_path
         assert len(skipped) == 1 and str(path) in skipped[0]
         with pytest.raises(CheckpointError, match=re.escape(str(path))):  # asked for by name: an error
             select_checkpoint(str(latest))
+        assert latest.exists() and older.exists()  # nothing pruned until the resumed run has saved
+        resumed = saver.save(TrainState(updates=3))
+        assert _names(tmp_path) == [older.name, resumed.name]
 
 
 def test_a_checkpoint_records_and_checks_every_file(tmp_path):

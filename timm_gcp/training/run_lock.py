@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from .errors import OutputInUse
 
@@ -20,17 +20,17 @@ LOCK_NAME = '.run.lock'
 
 
 class RunLock:
-    """Exclusive ownership of `run_dir`; `release()` (or leaving the `with` block) gives it up and removes a run
-    folder this lock created if the run left nothing else in it."""
+    """Exclusive ownership of `run_dir`; `release()` (or leaving the `with` block) gives it up and removes the
+    folders this lock created if the run left nothing else in them."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self._fd: Optional[int] = None
-        self._created_dir = False
+        self._created: List[Path] = []
 
     def acquire(self) -> 'RunLock':
-        self._created_dir = not self.run_dir.exists()
+        self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -58,9 +58,13 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        if self._created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+        if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
             self.path.unlink()
-            self.run_dir.rmdir()
+            for folder in self._created:
+                try:
+                    folder.rmdir()
+                except OSError:  # another run's folder appeared beside ours
+                    break
         os.close(self._fd)  # closing drops the lock
         self._fd = None
 
