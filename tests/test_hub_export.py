@@ -241,3 +241,11 @@ def test_export_refuses_local_paths_and_the_user_name(gcp_model, tmp_path, monke
         export_model(gcp_model, out, label_names=['a', 'jdoe-zq7', 'c'])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in run.iterdir()) == ['model']
+
+
+def test_export_with_a_root_login_keeps_the_word_root(gcp_model, tmp_path, monkeypatch):
+    """CI and containers run as root: 'root' names no person and is a word a card may hold ('square root')."""
+    monkeypatch.setattr(getpass, 'getuser', lambda: 'root')
+    out = export_model(gcp_model, tmp_path / 'model', label_names=['root', 'stem', 'leaf'],
+                       command='python train.py --data-dir plant-parts')
+    assert 'root' in (out / 'config.json').read_text()

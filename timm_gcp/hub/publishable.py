@@ -27,11 +27,15 @@ def check_finite_metrics(metrics: Mapping[str, Any], what: str) -> None:
         raise ValueError(f'{what} must be finite numbers, got {bad}: refusing to publish them')
 
 
+_SYSTEM_ACCOUNTS = ('root',)  # names no person owns, and words of a card ("matrix square root")
+
+
 def _user_name() -> Optional[str]:
     try:
-        return getpass.getuser()
+        user = getpass.getuser()
     except (OSError, KeyError):  # no login name in the environment nor in the password database
         return None
+    return None if user in _SYSTEM_ACCOUNTS else user
 
 
 def _local_path_pattern() -> re.Pattern:
