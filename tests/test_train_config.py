@@ -1,4 +1,7 @@
-"""Recipes, flag precedence, meta-layer switch parsing, parameter groups and scheduler semantics of train.py."""
+"""Recipes, flag precedence, the demo-recipe rule, --help defaults, published flags and command without local paths,
+meta-layer switch parsing, parameter groups and scheduler semantics of train.py."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -102,6 +105,12 @@ def test_published_flags_and_command_hold_no_local_paths(tmp_path):
     assert 'home-of-jdoe' not in repr(flags) and 'home-of-jdoe' not in command
     local = public_command(command_line(['--model', f'local-dir:{secret}/exported', f'--initial-checkpoint={out}/w.pt']))
     assert local == 'python train.py --model local-dir:exported --initial-checkpoint w.pt'
+    (secret / 'pets_hf').mkdir()
+    hub = public_command(command_line(['--dataset', f'hfds/{secret}/pets_hf', '--backbone-weights',
+                                       'hf-hub:timm/resnet50.a1_in1k', '--data-dir', '.']))
+    assert hub == f'python train.py --dataset hfds/pets_hf --backbone-weights hf-hub:timm/resnet50.a1_in1k ' \
+                  f'--data-dir {Path.cwd().name}'
+    assert public_flags(parse_args(['--dataset', 'hfds/org/pets']))['dataset'] == 'hfds/org/pets'  # a Hub id
 
 
 def test_bad_config_inputs(tmp_path):

@@ -6,7 +6,6 @@ The demo recipe applies only to a command that names no data, recipe or config: 
 """
 import argparse
 import itertools
-import os
 import re
 import shlex
 import sys
@@ -28,7 +27,7 @@ _PATH_KEYS = ('data_dir', 'output', 'resume', 'initial_checkpoint', 'backbone_we
 # how a published command shows each path flag: by its last component ('name'), or not at all (None)
 _PUBLIC_PATH_FLAGS = {'--data-dir': 'name', '--output': None, '--resume': None, '--initial-checkpoint': 'name',
                       '--backbone-weights': 'name', '-c': 'name', '--config': 'name', '--recipe': 'name',
-                      '--model': 'name'}
+                      '--model': 'name', '--dataset': 'name'}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,10 +212,13 @@ def command_line(argv: Optional[Sequence[str]]) -> str:
 
 
 def _public_path(value: str) -> str:
-    """A path as a published file may show it: its last component (a Hub id or timm name stays as it is)."""
-    if value.startswith('local-dir:'):
-        return 'local-dir:' + Path(value[len('local-dir:'):]).name
-    return Path(value).name if (os.sep in value or Path(value).exists()) else value
+    """A value as a published file may show it: a local path by its last component; a Hub id, a timm name or a
+    relative path that is not a file here stays as it is (also behind `local-dir:` and `hfds/`)."""
+    for prefix in ('local-dir:', 'hfds/'):
+        if value.startswith(prefix):
+            return prefix + _public_path(value[len(prefix):])
+    path = Path(value).expanduser()
+    return path.resolve().name if path.is_absolute() or path.exists() else value
 
 
 def public_command(command: str) -> str:
@@ -262,7 +264,7 @@ def public_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The flags that were set, as published: no local paths (data and weight files by name, no output/resume)."""
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k not in ('config', 'resume', 'output', 'debug')}
-    for key in ('data_dir', 'initial_checkpoint', 'backbone_weights', 'recipe', 'model'):
+    for key in ('data_dir', 'dataset', 'initial_checkpoint', 'backbone_weights', 'recipe', 'model'):
         if isinstance(flags.get(key), str):
             flags[key] = _public_path(flags[key])
     return flags
