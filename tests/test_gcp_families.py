@@ -180,7 +180,8 @@ def test_gcp_dim_default_and_limit():
 def test_base_options_pass_through():
     with torch.device('meta'):
         model = timm.create_model('gcp_test_vit', img_size=48, drop_path_rate=0.1, meta_layer='cov')
-    assert model.backbone.patch_embed.img_size == (48, 48) and model.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model.backbone.patch_embed.img_size == (48, 48)
+    assert model.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     assert model.gcp_model_args()['img_size'] == 48 and model.global_pool.meta_layer_name == 'cov'
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from ._backbone import backbone_filter_fn
 from ._hub_access import check_hub_reachable, fetch_error
 
-__all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'backbone_tags', 'build_gcp_model']
+__all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'backbone_tags', 'build_gcp_model', 'resolve_tag']
 
 HUB_ORG: str = os.environ.get('TIMM_GCP_HUB_ORG', 'timm-gcp')
 """Hugging Face Hub organisation for weights trained with a GCP head (env `TIMM_GCP_HUB_ORG`, read at import).
@@ -42,21 +42,24 @@ def backbone_tags(arch: str, base_arch: str, description: str,
     return cfgs
 
 
-def _unknown_tag(variant: str, tag: str) -> ValueError:
-    tags = [name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(variant)]
-    return ValueError(
-        f'{variant} has no pretrained tag {tag!r}; its tags are those of its timm backbone: {", ".join(tags)} '
-        f'(timm.list_pretrained("{variant}.*")). Use one of them, or the bare name {variant!r} for the default.')
+def resolve_tag(variant: str, pretrained_cfg: Any = None,
+                pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> PretrainedCfg:
+    """timm's `resolve_pretrained_cfg`, with a ValueError naming the model and its tags for an unknown tag."""
+    try:
+        return resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay)
+    except RuntimeError:
+        tags = [name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(variant)]
+        raise ValueError(
+            f'{variant} has no pretrained tag {pretrained_cfg!r}; its tags are those of its timm backbone: '
+            f'{", ".join(tags)} (timm.list_pretrained("{variant}.*")). Use one of them, or the bare name '
+            f'{variant!r} for the default.') from None
 
 
 def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """`build_model_with_cfg` for GCP models: pretrained weights go through `backbone_filter_fn` (every backbone
     tensor required, GCP head fresh), and a bad tag, bad model kwargs or unreachable weights raise one error that
     names the model and the tag."""
-    try:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    except RuntimeError:
-        raise _unknown_tag(variant, str(kwargs.get('pretrained_cfg'))) from None
+    cfg = resolve_tag(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     from_hub = pretrained and bool(cfg.hf_hub_id) and not (cfg.file or cfg.state_dict or cfg.source == 'local-dir')
     if from_hub:
         check_hub_reachable(f'{variant}.{cfg.tag}', cfg)

@@ -13,11 +13,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models import convnext, generate_default_cfgs, register_model, swin_transformer, vision_transformer
-from timm.models._registry import get_arch_pretrained_cfgs
 from torch import nn
 
 from ._head import GcpHeadMixin
-from ._pretrained import ISQRT_COV_PAPER, backbone_tags, build_gcp_model
+from ._pretrained import ISQRT_COV_PAPER, backbone_tags, build_gcp_model, resolve_tag
 
 __all__ = ['Family', 'FAMILIES', 'GcpNet']
 
@@ -163,7 +162,8 @@ class GcpNet(GcpHeadMixin, nn.Module):
         return take_indices
 
     def to_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward_features` output as a (B, C, H, W) map: NHWC permuted, tokens without prefix tokens as (B, C, N, 1)."""
+        """`forward_features` output as a (B, C, H, W) map: NHWC permuted, tokens without the prefix tokens as
+        (B, C, N, 1)."""
         if self.family.output_fmt == 'NHWC':
             return x.permute(0, 3, 1, 2)
         if self.family.output_fmt == 'NLC':
@@ -206,9 +206,7 @@ _HEAD_KWARGS = ('global_pool', 'gcp_dim', 'meta_layer', 'meta_layer_kwargs', 'dr
 def _create_base_features(variant: str, base_arch: str, pretrained: bool, pretrained_cfg: Any = None,
                           pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
     """`features_only`: the base's own feature extractor (no GCP head), with the tag's backbone weights."""
-    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
-    if tag is not None and f'{variant}.{tag}' not in get_arch_pretrained_cfgs(variant):
-        build_gcp_model(GcpNet, variant, False, pretrained_cfg=tag)  # raises the unknown-tag error
+    tag = resolve_tag(variant, pretrained_cfg, pretrained_cfg_overlay).tag
     base = {k: v for k, v in kwargs.items() if k not in _HEAD_KWARGS}
     return timm.create_model(f'{base_arch}.{tag}' if tag else base_arch, pretrained=pretrained,
                              pretrained_cfg_overlay=pretrained_cfg_overlay, **base)
