@@ -58,8 +58,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accelerator, run_dir: Path,
            checkpoint: Optional[Path], state: Optional[TrainState]) -> Dict[str, Any]:
     set_seed(args.seed)
-    accelerator.print(f'recipe: {args.recipe}' + (' (the bundled demo: no --data-dir, --dataset, --recipe or -c '
-                                                  'given)' if args.recipe == DEFAULT_RECIPE else ''), flush=True)
+    accelerator.print(f'recipe: {args.recipe}' + (' (the bundled demo)' if args.recipe == DEFAULT_RECIPE else ''),
+                      flush=True)
 
     # ---- data (checked before anything is built) -------------------------------------------------------------------
     with user_errors(EXIT_DATA):
