@@ -106,6 +106,19 @@ def test_features_only(case):
         model_info[i] for i in features_model.feature_info.out_indices]
 
 
+def test_fx_feature_extraction(case):
+    """timm's torch.fx extractor through the backbone (the GCP head's tracing is GCPPool's business)."""
+    model = timm.create_model(case['name'], num_classes=0, global_pool='', **case['kwargs']).eval()
+    last = model.feature_info[-1]['module']
+    extractor = timm.models.create_feature_extractor(model, return_nodes={last: 'last', 'backbone': 'out'})
+    x = case['images'].clone().requires_grad_(True)
+    out = extractor(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out['out'], model(case['images']), rtol=0, atol=0)
+    out['last'].sum().backward()  # backward through the traced graph
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_reset_classifier(case):
     m, feats = copy.deepcopy(case['model']), case['feats']
     pool = m.global_pool
@@ -167,6 +180,14 @@ def test_export_round_trip(case, tmp_path):
     assert reloaded.gcp_model_args() == saved_args == json.loads(json.dumps(model.gcp_model_args())) | saved_args
     with torch.no_grad():
         assert torch.equal(reloaded(case['images']), model(case['images']))
+
+
+@pytest.mark.parametrize('family', sorted(FAMILY_MODELS))
+def test_device_and_dtype_reach_every_module(family):
+    name, kwargs = FAMILY_MODELS[family]
+    model = timm.create_model(name, device='meta', dtype=torch.float64, num_classes=3, **kwargs)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {('meta', torch.float64)}
+    assert 'device' not in model.gcp_model_args() and 'dtype' not in model.gcp_model_args()
 
 
 def test_gcp_dim_default_and_limit():

@@ -171,7 +171,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
+        return self.backbone(x)  # a headless timm model returns its unpooled features (a module call for torch.fx)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool.pool_type:  # '' keeps the base's own unpooled output
