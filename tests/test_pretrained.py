@@ -85,6 +85,8 @@ def test_pretrained_backbone_then_cache_then_export(name, online, monkeypatch, c
         assert torch.equal(state[key], fresh.state_dict()[key]), key  # the GCP head is freshly initialised
     logged = [r.getMessage() for r in caplog.records if 'keys are new' in r.getMessage()]
     assert len(logged) == 1 and 'global_pool.conv.weight' in logged[0] and f'timm/{repo}' in logged[0]
+    timm_missing = [r.getMessage() for r in caplog.records if 'Missing keys' in r.getMessage()]
+    assert not any('global_pool' in m for m in timm_missing)  # the load is complete: timm misses only the new fc
     timm_cfg = timm.models.get_pretrained_cfg(repo)
     for field in ('hf_hub_id', 'mean', 'std', 'interpolation', 'crop_pct', 'license'):
         assert model.pretrained_cfg[field] == getattr(timm_cfg, field), field

@@ -67,25 +67,24 @@ def _model_name(model: nn.Module) -> str:
 
 
 def select_backbone_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str
-                            ) -> Dict[str, torch.Tensor]:
-    """The tensors of `state_dict` that `model` takes, under its key names.
+                            ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """A complete state dict for `model` from `state_dict`, and the keys that keep the model's own initialisation.
 
-    A GCP checkpoint of the model (an export) must hold every key. A plain timm checkpoint of the backbone
+    A GCP checkpoint of the model (an export) must hold every key but `fc`. A plain timm checkpoint of the backbone
     architecture must hold every backbone tensor; its classifier is dropped and the GCP head, GSoP blocks and `fc`
-    stay as initialised (logged once). Anything else raises ValueError.
+    keep the model's initialisation (logged once). Anything else raises ValueError.
     """
     expected = model.state_dict()
     if model.is_gcp_checkpoint(state_dict):  # `fc` is left to timm, which drops it for another num_classes
         _check_complete(_without_fc(expected), _without_fc(state_dict), source, model, 'a checkpoint')
-        return state_dict
+        return state_dict, []
     checkpoint = model.backbone_checkpoint(state_dict)
-    new_prefixes = model.new_module_prefixes()
-    backbone = {k: v for k, v in expected.items() if not k.startswith(new_prefixes)}
+    backbone = {k: v for k, v in expected.items() if not k.startswith(model.new_module_prefixes())}
     _check_complete(backbone, checkpoint, source, model, f'a backbone checkpoint (expected {_backbone_hint(model)})')
-    new_keys = sorted(k for k in expected if k not in checkpoint)
+    kept = sorted(k for k in expected if k not in checkpoint)
     _logger.warning('Initialised the backbone of %s from %s; %d keys are new (freshly initialised): %s',
-                    _model_name(model), source, len(new_keys), ', '.join(new_keys))
-    return checkpoint
+                    _model_name(model), source, len(kept), ', '.join(kept))
+    return dict(checkpoint, **{k: expected[k] for k in kept}), kept
 
 
 def _without_fc(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -101,7 +100,7 @@ def backbone_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) ->
     """timm `pretrained_filter_fn` of every GCP model (see `select_backbone_weights`)."""
     cfg = getattr(model, 'pretrained_cfg', {})
     source = cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the pretrained checkpoint'  # timm's order
-    return select_backbone_weights(state_dict, model, source)
+    return select_backbone_weights(state_dict, model, source)[0]
 
 
 def load_backbone_weights(model: nn.Module, source: Union[str, os.PathLike]) -> List[str]:
@@ -112,6 +111,6 @@ def load_backbone_weights(model: nn.Module, source: Union[str, os.PathLike]) -> 
     `fc` keep their initialisation. Raises ValueError when the checkpoint is not a backbone of the same architecture
     (missing, unexpected or differently shaped keys). `pretrained=True` on a tag loads the same way.
     """
-    checkpoint = select_backbone_weights(_read_state_dict(source), model, str(source))
-    model.load_state_dict(checkpoint, strict=False)
-    return sorted(k for k in model.state_dict() if k not in checkpoint)
+    checkpoint, kept = select_backbone_weights(_read_state_dict(source), model, str(source))
+    model.load_state_dict(checkpoint)
+    return kept
