@@ -40,9 +40,6 @@ class GcpHeadMixin:
             create_meta_layer(name, **kwargs)  # validate now; used when a GCP head is attached
         self._meta_layer = (name, dict(kwargs))
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New `fc` for `num_classes` (0: none). `global_pool` None keeps the current pooling (a GCP head keeps its
         trained reduction); 'gcp' attaches a GCP head; other timm pool types ('avg', '' for none) replace it."""

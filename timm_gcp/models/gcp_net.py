@@ -135,6 +135,10 @@ class GcpNet(GcpHeadMixin, nn.Module):
         return _GCP_ONLY
 
     @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """The base's parameter groups under `backbone.`; the head matches none (the last group: full rate)."""
         return {name: _under_backbone(rule) for name, rule in self.backbone.group_matcher(coarse).items()}
