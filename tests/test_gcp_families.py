@@ -23,12 +23,24 @@ FAMILY_MODELS = {  # timm module -> (model, kwargs) small enough for a shared 2-
     'resnet': ('gcp_test_resnet', {}),
     'resnetv2': ('gcp_resnetv2_50x1_bit', {}),
     'vision_transformer': ('gcp_test_vit', dict(img_size=IMG)),
+    'deit': ('gcp_deit_tiny_patch16_224', dict(img_size=IMG)),
     'swin_transformer': ('gcp_swin_tiny_patch4_window7_224', dict(img_size=IMG, window_size=4)),
 }
 
 
 def test_every_family_has_a_model_here():
     assert set(FAMILY_MODELS) == set(timm_gcp.FAMILIES)
+
+
+def test_registered_names():
+    for module in timm_gcp.FAMILIES:
+        missing = [b for b in timm.list_models(module=module) if not timm.is_model(f'gcp_{b}')]
+        assert missing == (['deit_base_distilled_patch16_224', 'deit_base_distilled_patch16_384',
+                            'deit_small_distilled_patch16_224', 'deit_tiny_distilled_patch16_224']
+                           if module == 'deit' else []), module
+    assert not timm.list_models('gcp_*distilled*')  # distilled DeiTs build only with their two-token head
+    assert timm.models.get_pretrained_cfg('gcp_resnet50d').architecture == 'gcp_resnet50d'  # not GcpResNet's
+    assert isinstance(timm.create_model('gcp_resnet50', device='meta'), timm_gcp.GcpResNet)  # the paper's stride 1
 
 
 @pytest.fixture(scope='module', params=sorted(FAMILY_MODELS))
@@ -45,8 +57,8 @@ def case(request) -> dict:
 
 def _as_map(case: dict, feats: torch.Tensor) -> torch.Tensor:
     """The (B, C, H, W) map the head pools, written out per layout."""
-    if case['family'] == 'vision_transformer':
-        return feats[:, 1:].transpose(1, 2).unsqueeze(-1)  # test_vit has one class token
+    if case['family'] in ('vision_transformer', 'deit'):
+        return feats[:, 1:].transpose(1, 2).unsqueeze(-1)  # one class token
     if case['family'] == 'swin_transformer':
         return feats.permute(0, 3, 1, 2)
     return feats
@@ -58,7 +70,8 @@ def test_features_head_and_logits(case):
         torch.testing.assert_close(model.forward_features(case['images']), feats, rtol=0, atol=0)
         pre = model.forward_head(feats, pre_logits=True)
         reference = model.global_pool(_as_map(case, feats))  # the GCP head on the map, without the wrapper
-    assert feats.shape[-1 if case['family'] in ('vision_transformer', 'swin_transformer') else 1] == model.num_features
+    channel_dim = -1 if case['family'] in ('vision_transformer', 'deit', 'swin_transformer') else 1
+    assert feats.shape[channel_dim] == model.num_features
     assert isinstance(model.global_pool, GCPPool) and model.head_hidden_size == TRIU == pre.shape[1]
     torch.testing.assert_close(pre, reference, rtol=0, atol=0)
     assert case['logits'].shape == (2, NUM_CLASSES) and torch.isfinite(case['logits']).all()

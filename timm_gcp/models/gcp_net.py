@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import convnext, generate_default_cfgs, register_model, swin_transformer, vision_transformer
+from timm.models import (
+    convnext, deit, generate_default_cfgs, register_model, swin_transformer, vision_transformer)
 from torch import nn
 
 from ._head import GcpHeadMixin
@@ -29,6 +30,7 @@ class Family:
     renames: Tuple[Tuple[str, str], ...] = ()  # checkpoint prefix -> prefix in the headless base
     head: Tuple[str, ...] = ('head.',)  # checkpoint prefixes of the base's head, dropped on loading
     filter_fn: Optional[Callable] = None  # the timm module's own checkpoint conversion, applied first
+    exclude: Tuple[str, ...] = ()  # architectures (fnmatch patterns) whose headless build gives no features to pool
 
 
 FAMILIES: Dict[str, Family] = {
@@ -42,6 +44,9 @@ FAMILIES: Dict[str, Family] = {
     # ViTs pooled by averaging normalise in the head (`fc_norm`): moved to the final `norm`; attention pools dropped
     'vision_transformer': Family('NLC', dict(fc_norm=False), renames=(('fc_norm.', 'norm.'),),
                                  head=('head.', 'attn_pool.'), filter_fn=vision_transformer.checkpoint_filter_fn),
+    # distilled DeiTs only build with their two-token head, which pools the class and distillation tokens
+    'deit': Family('NLC', dict(fc_norm=False), renames=(('fc_norm.', 'norm.'),), head=('head.', 'head_dist.'),
+                   filter_fn=deit.checkpoint_filter_fn, exclude=('*distilled*',)),
     'swin_transformer': Family('NHWC', filter_fn=swin_transformer.checkpoint_filter_fn),
 }
 """timm module name -> Family. Adding a family is one entry here."""
@@ -238,7 +243,7 @@ def _base_archs() -> Dict[str, Tuple[str, Family]]:
     """'gcp_<base>' -> (base, family) for every architecture of the families not registered otherwise."""
     return {f'gcp_{base}': (base, family)
             for module, family in FAMILIES.items()
-            for base in timm.list_models(module=module)
+            for base in timm.list_models(module=module, exclude_filters=family.exclude)
             if not timm.is_model(f'gcp_{base}')}
 
 
