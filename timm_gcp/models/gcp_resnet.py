@@ -85,30 +85,31 @@ class GcpResNet(GcpHeadMixin, ResNet):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, self.in_chans, type(self).__name__)
-        return super().forward_features(x)
+        return super().forward_features(_check_images(x, self.in_chans, type(self).__name__))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if isinstance(self.global_pool, GCPPool):
-            _check_feature_map(x, self.feature_info[-1]['reduction'])
+            x = _check_feature_map(x, self.feature_info[-1]['reduction'])
         return super().forward_head(x, pre_logits)
 
 
-def _check_images(x: torch.Tensor, in_chans: int, name: str) -> None:
-    """Raise ValueError unless `x` is a (B, in_chans, H, W) batch (one opaque call in a torch.fx graph)."""
+def _check_images(x: torch.Tensor, in_chans: int, name: str) -> torch.Tensor:
+    """`x`, or ValueError unless it is a (B, in_chans, H, W) batch (one opaque call in a torch.fx graph)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(f'{name} expects images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
+    return x
 
 
-def _check_feature_map(x: torch.Tensor, reduction: int) -> None:
-    """Raise ValueError when the final map has fewer than 2 positions (one opaque call in a torch.fx graph)."""
+def _check_feature_map(x: torch.Tensor, reduction: int) -> torch.Tensor:
+    """`x`, or ValueError when the final map has fewer than 2 positions (one opaque call in a torch.fx graph)."""
     if x.shape[-1] * x.shape[-2] < 2:
         raise ValueError(
             f'covariance pooling needs a feature map of at least 2 positions, got {tuple(x.shape[-2:])}: this '
             f'network downsamples by {reduction}, so inputs must be larger than {reduction}x{reduction} px')
+    return x
 
 
-torch.fx.wrap('_check_images')  # traced as calls, checked when the graph runs
+torch.fx.wrap('_check_images')  # traced as calls whose output is used: checked when any traced graph runs
 torch.fx.wrap('_check_feature_map')
 
 
