@@ -14,12 +14,6 @@ MODELS = [n for n in ('gcp_resnet18', 'gsop_resnet50', 'gcp_test_resnet', 'gcp_t
                       'gcp_test_vit') if timm.is_model(n)]
 NUM_CLASSES = 5
 GCP_DIM = 8
-# today's ResNets check their input in Python inside forward_features/forward_head, which fx cannot trace
-FX_PENDING = pytest.mark.xfail(
-    strict=True, raises=ValueError,  # torch.fx's TraceError is a ValueError
-    reason='timm_gcp/models: the image and feature-map checks must be fx-wrapped (torch.fx.wrap) and return x')
-
-
 def create(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, **kwargs)
 
@@ -130,15 +124,13 @@ def check_traced(model: nn.Module, x: torch.Tensor) -> None:
     assert any(g.abs().sum() > 0 for g in eager_grads)
 
 
-@pytest.mark.parametrize('name', [pytest.param(n, marks=FX_PENDING) if n in ('gcp_resnet18', 'gsop_resnet50') else n
-                                  for n in MODELS])
+@pytest.mark.parametrize('name', MODELS)
 def test_fx_feature_extraction_forward_and_backward(name):
     model = create(name)
     check_traced(model, images(model))
 
 
-@pytest.mark.parametrize('name', [pytest.param(n, marks=FX_PENDING) if n in ('gcp_resnet18', 'gsop_resnet50') else n
-                                  for n in MODELS])
+@pytest.mark.parametrize('name', MODELS)
 def test_fx_features_only(name):
     model = timm.create_model(name, features_only=True, feature_cls='fx')
     x = images(model)
@@ -152,8 +144,7 @@ def test_fx_features_only(name):
 @pytest.mark.parametrize('method', timm_gcp.list_meta_layers())
 def test_fx_through_gcp_layers_keeps_their_checks(method):
     model = backbone_with_head()
-    # the published SVD-Padé gradient is zero for covariances with tied (clamped) eigenvalues: use the bounded one
-    model[2].global_pool.set_meta_layer(method, **({'approximant': 'bounded'} if method == 'svd_pade' else {}))
+    model[2].global_pool.set_meta_layer(method)
     check_traced(model, torch.randn(2, 3, 128, 128))  # 4x4 maps: full-rank 8x8 covariances
     extractor = create_feature_extractor(model, return_nodes=['2.global_pool'])
     bad = torch.randn(2, 3, 64, 64)
