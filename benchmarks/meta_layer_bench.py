@@ -3,16 +3,21 @@
 The input is `covariance(randn(B, d, M))`, computed once outside the timed region: only the meta-layer is timed.
 """
 import itertools
+import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from timm_gcp import covariance, create_meta_layer
-from timm_gcp.meta_layers import SpectralPower, newton_schulz_sqrt
+from timm_gcp.meta_layers import SpectralPower
 from timm_gcp.ops import eigh
 
 from flops import matmul_flops
 from timing import guarded, median_ms, ratio
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / 'tests'))  # the plain-autograd test oracle, kept in one place
+from reference_isqrt import reference_newton_schulz_sqrt  # noqa: E402
 
 MatrixFn = Callable[[torch.Tensor], torch.Tensor]
 KEY_CONFIG = {'batch': 64, 'dim': 256, 'positions': 196}
@@ -90,7 +95,7 @@ def key_config_baselines(names: Sequence[str], device: torch.device, eigh_backen
     cov = random_covariance(batch, dim, positions, device)
     variants: Dict[str, Callable[[], Dict[str, Optional[float]]]] = {
         'isqrt (fused backward)': lambda: time_with_products(create_meta_layer('isqrt'), cov, warmup, reps),
-        'isqrt (plain autograd reference)': lambda: time_with_products(newton_schulz_sqrt, cov, warmup, reps),
+        'isqrt (plain autograd reference)': lambda: time_with_products(reference_newton_schulz_sqrt, cov, warmup, reps),
         # the device's float32 batched-product speed, the unit every Newton-Schulz variant is made of
         'one batched product torch.bmm(A, A)': lambda: time_forward_backward(lambda a: torch.bmm(a, a), cov, warmup,
                                                                              reps, backward=False),

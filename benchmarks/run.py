@@ -15,7 +15,7 @@ import timm
 import torch
 
 import timm_gcp
-from timm_gcp.ops import select_eigh_backend
+from timm_gcp.ops import auto_eigh_backend
 
 import report
 from meta_layer_bench import KEY_CONFIG, compiled_isqrt, grid, key_config_baselines
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)',
             'device_type': device.type, 'torch': torch.__version__, 'timm': timm.__version__,
             'cuda': torch.version.cuda,
-            'eigh_backend': select_eigh_backend(device), 'python': sys.version.split()[0]},
+            'eigh_backend': auto_eigh_backend(device), 'python': sys.version.split()[0]},
         'settings': {**cfg, 'quick': args.quick, 'meta_layers': args.meta_layers},
     }
     eigh_backends = ['cusolver', 'torch'] if cuda else ['torch']

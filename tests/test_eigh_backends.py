@@ -12,68 +12,30 @@ import pytest
 import torch
 
 from timm_gcp import covariance, create_meta_layer, list_meta_layers
-from timm_gcp.ops import (
-    EIGH_BACKEND_ENV, create_eigh_backend, differentiable_eigh, eigh, get_eigh_backend, list_eigh_backends,
-    select_eigh_backend, set_eigh_backend, use_eigh_backend)
+from timm_gcp.meta_layers import SpectralPower
+from timm_gcp.ops import EIGH_BACKENDS, auto_eigh_backend, eigh
 from timm_gcp.ops.cusolver_eigh import (
     CUSOLVER_LIB_ENV, _thread_state, check_cusolver_failures, cusolver_eigh, cusolver_status)
+from timm_gcp.ops.eigh_backends import _DifferentiableEigh
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
 
-@pytest.fixture(autouse=True)
-def _default_backend(monkeypatch):
-    monkeypatch.delenv(EIGH_BACKEND_ENV, raising=False)
-    set_eigh_backend(None)
-    yield
-    set_eigh_backend(None)
-
-
-def test_backends_listed_and_selectable():
-    assert {'auto', 'torch', 'cusolver'} <= set(list_eigh_backends())
-    assert get_eigh_backend() == 'auto'
-    set_eigh_backend('torch')
-    assert get_eigh_backend() == 'torch'
-    with pytest.raises(ValueError, match="'nope'.*cusolver"):
-        set_eigh_backend('nope')
-    assert get_eigh_backend() == 'torch'
-
-
-def test_environment_variable_sets_default(monkeypatch):
-    monkeypatch.setenv(EIGH_BACKEND_ENV, 'torch')
-    assert get_eigh_backend() == 'torch'
-    set_eigh_backend('cusolver')
-    assert get_eigh_backend() == 'cusolver'  # an explicit choice wins over the environment
-    set_eigh_backend(None)
-    monkeypatch.setenv(EIGH_BACKEND_ENV, 'magma')
-    with pytest.raises(ValueError, match=EIGH_BACKEND_ENV):
-        get_eigh_backend()
+def test_unknown_backend_is_one_clear_error():
+    assert EIGH_BACKENDS == ('auto', 'torch', 'cusolver')
+    for bad in ('nope', None, 3):
+        with pytest.raises(ValueError, match=rf"^eigh backend must be one of 'auto', 'torch', 'cusolver', got "):
+            eigh(torch.eye(3)[None], bad)
 
 
 def test_auto_on_cpu_is_torch_without_warning():
     a = covariance(torch.randn(3, 6, 20, dtype=torch.float64))
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        assert select_eigh_backend(a.device, a.dtype) == 'torch'
+        assert auto_eigh_backend(a.device, a.dtype) == 'torch'
         values, vectors = eigh(a)
     ref_values, ref_vectors = torch.linalg.eigh(a)
     assert torch.equal(values, ref_values) and torch.equal(vectors, ref_vectors)
-
-
-def test_use_eigh_backend_restores_the_previous_choice():
-    set_eigh_backend('torch')
-    with use_eigh_backend('cusolver'):
-        assert get_eigh_backend() == 'cusolver'
-    assert get_eigh_backend() == 'torch'
-
-
-def test_default_backend_is_resolved_at_call_time():
-    fn = create_eigh_backend()
-    set_eigh_backend('cusolver')
-    with pytest.raises(ValueError, match='CUDA tensor'):
-        fn(torch.eye(3)[None])
-    set_eigh_backend('torch')
-    assert torch.equal(fn(torch.eye(3)[None])[0], torch.ones(1, 3))
 
 
 def test_cusolver_rejects_cpu_and_unsupported_dtypes():
@@ -90,10 +52,10 @@ def test_missing_library_falls_back_with_one_warning(monkeypatch, tmp_path):
     assert not available and missing in reason
     cuda = torch.device('cuda')
     with pytest.warns(RuntimeWarning, match='falling back to torch.linalg.eigh') as record:
-        assert select_eigh_backend(cuda) == 'torch'
-        assert select_eigh_backend(cuda) == 'torch'
+        assert auto_eigh_backend(cuda) == 'torch'
+        assert auto_eigh_backend(cuda) == 'torch'
     assert len([w for w in record if 'falling back' in str(w.message)]) == 1
-    assert select_eigh_backend(torch.device('cpu')) == 'torch'
+    assert auto_eigh_backend(torch.device('cpu')) == 'torch'
 
 
 @pytest.mark.skipif(ctypes.util.find_library('c') is None, reason='needs a libc to load')
@@ -122,12 +84,16 @@ def test_import_touches_neither_cuda_nor_cusolver():
     subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
 
 
+def _detached_solver_eigh(a: torch.Tensor):
+    """The cusolver backend's autograd wrapper around a solver that autograd cannot see through."""
+    return _DifferentiableEigh.apply(a, lambda m: torch.linalg.eigh(m.detach()))
+
+
 def test_differentiable_wrapper_matches_torch_eigh_gradients():
     a = covariance(torch.randn(3, 6, 20, dtype=torch.float64)).requires_grad_()
     grad_values, grad_vectors = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, 6, dtype=torch.float64)
-    wrapped = differentiable_eigh(lambda m: torch.linalg.eigh(m.detach()))
     grads = []
-    for fn in (torch.linalg.eigh, wrapped):
+    for fn in (torch.linalg.eigh, _detached_solver_eigh):
         values, vectors = fn(a)
         grads.append(torch.autograd.grad((values * grad_values).sum() + (vectors * grad_vectors).sum(), a)[0])
         grads.append(torch.autograd.grad(fn(a)[0].pow(2).sum(), a)[0])  # eigenvalues only
@@ -137,12 +103,11 @@ def test_differentiable_wrapper_matches_torch_eigh_gradients():
 
 def test_differentiable_wrapper_backward_ignores_autocast():
     a = covariance(torch.randn(2, 6, 20)).requires_grad_()
-    wrapped = differentiable_eigh(lambda m: torch.linalg.eigh(m.detach()))
     grad_vectors = torch.randn(2, 6, 6)
     grads = []
     for backward_in_autocast in (False, True):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=backward_in_autocast):
-            grads.append(torch.autograd.grad((wrapped(a)[1] * grad_vectors).sum(), a)[0])
+            grads.append(torch.autograd.grad((_detached_solver_eigh(a)[1] * grad_vectors).sum(), a)[0])
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
 
 
@@ -190,7 +155,7 @@ def test_cusolver_matches_float64_reference(dtype, tol):
 @pytest.mark.cuda
 @needs_cuda
 def test_cusolver_is_auto_on_cuda_and_differentiable():
-    assert select_eigh_backend(torch.device('cuda')) == 'cusolver'
+    assert auto_eigh_backend(torch.device('cuda')) == 'cusolver'
     a = covariance(torch.randn(4, 12, 40, dtype=torch.float64, device='cuda')).requires_grad_()
     g = torch.randn(4, 12, 12, dtype=torch.float64, device='cuda')
     grads = []
@@ -286,9 +251,10 @@ def test_every_meta_layer_with_cusolver_matches_cpu():
         results = []
         for device, dtype, backend in (('cpu', torch.float64, 'torch'), ('cuda', torch.float32, 'cusolver')):
             layer = create_meta_layer(name).to(device).eval()
+            if isinstance(layer, SpectralPower):
+                layer.eigh_backend = backend
             leaf = cov.to(device, dtype).detach().clone().requires_grad_()
-            with use_eigh_backend(backend):
-                out = layer(leaf)
+            out = layer(leaf)
             out.backward(grad.to(device, out.dtype))
             results.append((out.double().cpu(), leaf.grad.double().cpu()))
         (ref_out, ref_grad), (out, grad_in) = results

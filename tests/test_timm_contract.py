@@ -1,5 +1,7 @@
 """timm's model contract as timm's own tests exercise it, for every registered GCP model and the GCP layers: the meta
 device, pure bf16/fp16 inference, torch.fx feature extraction (forward and backward), TorchScript refused clearly."""
+from collections import OrderedDict
+
 import pytest
 import timm
 import torch
@@ -7,13 +9,19 @@ from timm.models import create_feature_extractor, get_graph_node_names
 from torch import nn
 
 import timm_gcp
-from timm_gcp.layers import GCPHead, GCPPool, GSoPBlock
+from timm_gcp.layers import GCPPool, GSoPBlock
 from timm_gcp.meta_layers import MetaLayer
 
 MODELS = [n for n in ('gcp_resnet18', 'gsop_resnet50', 'gcp_test_resnet', 'gcp_test_convnext', 'gcp_test_efficientnet',
                       'gcp_test_vit') if timm.is_model(n)]
 NUM_CLASSES = 5
 GCP_DIM = 8
+def gcp_head(in_chs: int, num_classes: int, dim: int, **kwargs) -> nn.Sequential:
+    """GCPPool then a linear classifier: the head the GCP models build."""
+    pool = GCPPool(in_chs, dim, **kwargs)
+    return nn.Sequential(OrderedDict(global_pool=pool, fc=nn.Linear(pool.out_features, num_classes)))
+
+
 def create(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, **kwargs)
 
@@ -34,7 +42,7 @@ def pool_of(model: nn.Module) -> str:
 def backbone_with_head() -> nn.Module:
     """A timm backbone, a GSoP block and a GCP head: only timm_gcp.layers code between timm modules."""
     backbone = timm.create_model('resnet18', num_classes=0, global_pool='')
-    return nn.Sequential(backbone, GSoPBlock(512, dim=8), GCPHead(512, NUM_CLASSES, dim=GCP_DIM))
+    return nn.Sequential(backbone, GSoPBlock(512, dim=8), gcp_head(512, NUM_CLASSES, dim=GCP_DIM))
 
 
 # ---------------------------------------------------------------- meta device
@@ -51,7 +59,7 @@ def test_builds_and_runs_on_the_meta_device(name):
 
 @pytest.mark.parametrize('method', timm_gcp.list_meta_layers())
 def test_every_meta_layer_runs_on_the_meta_device(method):
-    head = GCPHead(16, NUM_CLASSES, dim=GCP_DIM, meta_layer=method, meta_layer_kwargs=None).to('meta')
+    head = gcp_head(16, NUM_CLASSES, dim=GCP_DIM, meta_layer=method, meta_layer_kwargs=None).to('meta')
     out = head(torch.zeros(3, 16, 4, 4, device='meta'))
     assert out.shape == (3, NUM_CLASSES) and out.device.type == 'meta'
 
@@ -87,7 +95,7 @@ def test_pure_low_precision_inference(name, dtype):
 @pytest.mark.parametrize('method', timm_gcp.list_meta_layers())
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_gcp_head_returns_its_input_dtype_and_float32_under_autocast(method, dtype):
-    head = GCPHead(16, NUM_CLASSES, dim=GCP_DIM, meta_layer=method).eval()
+    head = gcp_head(16, NUM_CLASSES, dim=GCP_DIM, meta_layer=method).eval()
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
         reference = head.global_pool(x)
@@ -170,7 +178,7 @@ def test_torchscript_raises_one_clear_error(name):
 
 
 @pytest.mark.parametrize('module', [
-    lambda: GCPHead(16, NUM_CLASSES, dim=GCP_DIM), lambda: GSoPBlock(16, dim=4),
+    lambda: gcp_head(16, NUM_CLASSES, dim=GCP_DIM), lambda: GSoPBlock(16, dim=4),
     lambda: timm_gcp.create_meta_layer('svd_pade')])
 def test_torchscript_of_any_gcp_layer_raises_one_clear_error(module):
     with pytest.raises(RuntimeError, match=r'does not support TorchScript.*Use torch\.compile'):

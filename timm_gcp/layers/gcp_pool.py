@@ -5,10 +5,11 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
-from ..meta_layers import AdaptiveChannelDropout, create_meta_layer
+from ..meta_layers import create_meta_layer
 from ..ops import NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_vec
+from .channel_dropout import AdaptiveChannelDropout
 
-__all__ = ['GCPPool', 'GCPHead', 'gcp_feature_dim']
+__all__ = ['GCPPool', 'gcp_feature_dim']
 
 
 def gcp_feature_dim(dim: int) -> int:
@@ -81,26 +82,3 @@ class GCPPool(nn.Module):
                 f'it was given (the backbone output) hold NaN/Inf or values that overflow float32, e.g. after a '
                 f'diverged training run or from non-finite input images. {err}') from None
         return pooled if autocast_enabled(x) else pooled.to(x.dtype)
-
-
-class GCPHead(nn.Module):
-    """Standalone GCP classifier head: (B, C, H, W) -> logits (B, num_classes)."""
-
-    def __init__(
-            self,
-            in_chs: int,
-            num_classes: int,
-            dim: Optional[int] = 256,
-            meta_layer: str = 'isqrt',
-            meta_layer_kwargs: Optional[Dict[str, Any]] = None,
-            drop_rate: float = 0.,
-    ):
-        super().__init__()
-        self.global_pool = GCPPool(in_chs, dim, meta_layer, meta_layer_kwargs)
-        self.num_features = self.global_pool.out_features
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)

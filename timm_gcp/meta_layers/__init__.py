@@ -2,4 +2,4 @@ from .registry import MetaLayer, create_meta_layer, is_meta_layer, list_meta_lay
 from .newton_schulz import ISqrt, newton_schulz_sqrt
 from .spectral import MatrixPower, SpectralPower, SvdPade, SvdPowerIteration, SvdTaylor, SvdTrunc
 from .lyapunov import MpaLya, MtpLya, solve_lyapunov
-from .dropcov import AdaptiveChannelDropout, Covariance
+from .dropcov import Covariance

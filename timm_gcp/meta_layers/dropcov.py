@@ -1,17 +1,14 @@
 """DropCov (Wang et al., "DropCov: A Simple yet Effective Method for Improving Deep Architectures", NeurIPS 2022).
 
 DropCov replaces the covariance post-normalisation by a training-time adaptive channel dropout on the features
-right before the covariance. At inference the dropout is the identity and the covariance goes unnormalised to the
-classifier: the `cov` meta-layer.
+right before the covariance (`timm_gcp.layers.AdaptiveChannelDropout`). At inference the dropout is the identity and
+the covariance goes unnormalised to the classifier: the `cov` meta-layer.
 """
-import math
-
 import torch
-from torch import nn
 
 from .registry import MetaLayer, register_meta_layer
 
-__all__ = ['Covariance', 'AdaptiveChannelDropout']
+__all__ = ['Covariance']
 
 
 @register_meta_layer('cov')
@@ -22,52 +19,3 @@ class Covariance(MetaLayer):
 
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
         return cov
-
-
-class AdaptiveChannelDropout(nn.Module):
-    """DropCov's adaptive channel dropout (Wang et al., NeurIPS 2022): (B, C, H, W) or (B, C, M) features in,
-    same shape out; the identity in eval mode.
-
-    In training, an ECA-style channel attention (global average pool, 1-D convolution of width `kernel_size` across
-    channels, softmax over channels) gives weights w and re-weights the features x' = x·(1 + w). Each channel's total
-    correlation r_c = Σ_c' Σ_cc' is the row sum of the covariance of x' (computed in O(C·M), never forming Σ). The
-    dropout rate is p = clamp(1 − (`scale` / log2 C)·mean_b cos(w_b, r_b), 0, 1), one per batch, not differentiated;
-    then whole channels of x' are dropped with probability p and the kept ones scaled by 1/(1 − p).
-    """
-
-    def __init__(self, kernel_size: int = 3, scale: float = 10.0):
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be a positive odd number, got {kernel_size}')
-        self.scale = scale
-        self.attention = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
-
-    def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, M) -> (B, C) softmax channel attention."""
-        pooled = x.mean(dim=-1).unsqueeze(1)
-        return self.attention(pooled).squeeze(1).softmax(dim=-1)
-
-    def drop_rate(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Scalar tensor p in [0, 1] from (B, C, M) re-weighted features and (B, C) attention weights."""
-        with torch.no_grad():
-            x, weights = x.float(), weights.float()
-            centred = x - x.mean(dim=-1, keepdim=True)
-            row_sums = (centred @ centred.sum(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1) / x.shape[-1]
-            agreement = nn.functional.cosine_similarity(weights, row_sums, dim=1).mean()
-            return (1 - self.scale / math.log2(max(x.shape[1], 2)) * agreement).clamp(0, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4):
-            raise ValueError(f'AdaptiveChannelDropout expects (B, C, H, W) or (B, C, M) features, got {tuple(x.shape)}')
-        if not self.training:
-            return x
-        flat = x.flatten(2)
-        weights = self.channel_weights(flat)
-        flat = flat * (1 + weights.unsqueeze(-1))
-        p = self.drop_rate(flat, weights)
-        keep = torch.rand(flat.shape[:2] + (1,), device=x.device) >= p
-        factor = torch.where(p < 1, 1 / (1 - p).clamp_min(1e-6), torch.zeros_like(p))
-        return (flat * (keep * factor).to(flat.dtype)).reshape(x.shape)
-
-    def extra_repr(self) -> str:
-        return f'scale={self.scale}'

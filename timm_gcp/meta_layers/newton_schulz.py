@@ -10,7 +10,7 @@ from ..ops.covariance import symmetrize
 from .options import MAX_MATRIX_ITER, bool_option, int_option
 from .registry import MetaLayer, register_meta_layer
 
-__all__ = ['ISqrt', 'newton_schulz_sqrt', 'newton_schulz_sqrt_fast']
+__all__ = ['ISqrt', 'newton_schulz_sqrt', 'compiled_newton_schulz_sqrt']
 
 
 def _check_num_iter(num_iter: int, layer: str = 'newton_schulz_sqrt') -> int:
@@ -22,35 +22,9 @@ def _trace_floor(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** 0.5
 
 
-def newton_schulz_sqrt(cov: torch.Tensor, num_iter: int = 5) -> torch.Tensor:
-    """Approximate square root of (B, d, d) SPD matrices: symmetrisation (as the exact layers do), trace
-    pre-normalisation, `num_iter` coupled Newton-Schulz steps (the last one updates Y only), √trace post-compensation.
-
-    The reference formulation, differentiated by plain autograd; `newton_schulz_sqrt_fast` computes the same.
-    """
-    _check_num_iter(num_iter)
-    d = cov.shape[-1]
-    eye3 = 3.0 * torch.eye(d, dtype=cov.dtype, device=cov.device)
-    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(_trace_floor(cov.dtype))[:, None, None]
-    y = symmetrize(cov) / trace
-    z = None
-    for _ in range(num_iter - 1):
-        t = 0.5 * (eye3 - (y if z is None else z @ y))
-        y, z = y @ t, (t if z is None else t @ z)
-    t = 0.5 * (eye3 - (y if z is None else z @ y))
-    return (y @ t) * trace.sqrt()
-
-
 class _NewtonSchulzSqrt(torch.autograd.Function):
-    """Newton-Schulz square root with a hand-derived backward.
-
-    The forward runs the coupled iteration as T_k = ½(3I - P_k), Y_k+1 = Y_k T_k, P_k+1 = (P_k T_k) T_k with
-    Y_0 = P_0 = A = sym(cov) / trace (P_k = Z_k Y_k of the reference formulation). Y_N = q(A) is then a polynomial
-    in the symmetric A, whose Fréchet derivative is self-adjoint: the gradient with respect to A is the derivative of
-    Y_N in the direction of the symmetrised output gradient, one forward-mode sweep through the recurrence with the
-    P-step's derivative written as T E T - ½(E W + (E W)ᵀ), W = P T. For 5 iterations that is 20 batched matrix
-    products where reverse-mode autograd through the reference formulation takes 24.
-    """
+    """Coupled Newton-Schulz square root, fused forward and hand-derived backward (one forward-mode sweep: the
+    derivative of a matrix polynomial at a symmetric matrix is self-adjoint; see docs/meta_layers.md)."""
 
     @staticmethod
     def forward(ctx, cov: torch.Tensor, num_iter: int) -> torch.Tensor:
@@ -117,27 +91,25 @@ def _newton_schulz_derivative(ys: Sequence[torch.Tensor], ts: Sequence[torch.Ten
     return dy
 
 
-def newton_schulz_sqrt_fast(cov: torch.Tensor, num_iter: int = 5) -> torch.Tensor:
-    """`newton_schulz_sqrt` with a fused forward and a hand-derived backward (same numbers within rounding).
-
-    Once differentiable: use `newton_schulz_sqrt` for higher-order gradients.
-    """
+def newton_schulz_sqrt(cov: torch.Tensor, num_iter: int = 5) -> torch.Tensor:
+    """Approximate square root of (B, d, d) SPD matrices: symmetrisation, trace pre-normalisation, `num_iter` coupled
+    Newton-Schulz steps (the last one updates Y only), √trace post-compensation. Once differentiable."""
     _check_num_iter(num_iter)
     return _NewtonSchulzSqrt.apply(cov, num_iter)
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_newton_schulz_sqrt() -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """`newton_schulz_sqrt_fast` through torch.compile with CUDA graphs ('reduce-overhead'): one graph replay
+    """`newton_schulz_sqrt` through torch.compile with CUDA graphs ('reduce-overhead'): one graph replay
     instead of dozens of kernel launches per pass. Compiled on first call, per shape."""
-    return torch.compile(newton_schulz_sqrt_fast, mode='reduce-overhead', dynamic=False)
+    return torch.compile(newton_schulz_sqrt, mode='reduce-overhead', dynamic=False)
 
 
 @register_meta_layer('isqrt')
 class ISqrt(MetaLayer):
     """iSQRT-COV Newton-Schulz square root; `num_iter` (1 to 100) is 5 in ResNets, 3 in the GSoP-Net2 head.
 
-    Runs `newton_schulz_sqrt_fast` (fused forward, hand-derived backward), also inside a model compiled with
+    Runs `newton_schulz_sqrt` (fused forward, hand-derived backward), also inside a model compiled with
     torch.compile, which traces both; `compile=True` runs it through `compiled_newton_schulz_sqrt` on its own.
     """
 
@@ -149,7 +121,7 @@ class ISqrt(MetaLayer):
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
         if self.compile and not torch.compiler.is_compiling():
             return compiled_newton_schulz_sqrt()(cov, self.num_iter)
-        return newton_schulz_sqrt_fast(cov, self.num_iter)
+        return newton_schulz_sqrt(cov, self.num_iter)
 
     def extra_repr(self) -> str:
         return f'num_iter={self.num_iter}, compile={self.compile}'

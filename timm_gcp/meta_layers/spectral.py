@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..ops.covariance import cached_tensors, fp32_backward, symmetrize
-from ..ops import eigh
+from ..ops import check_eigh_backend, eigh
 from .options import MAX_SERIES_TERMS, bool_option, float_option, int_option, optional
 from .registry import MetaLayer, register_meta_layer
 
@@ -170,7 +170,7 @@ class SpectralPower(MetaLayer):
         alpha: the power, in (0, 2] (½: matrix square root).
         eps: eigenvalue clamp relative to λ_max, in [0, 1]; None: machine epsilon of the eigendecomposition dtype.
         float64: run eigendecomposition and backward in float64 (the output keeps the input's compute dtype).
-        eigh_backend: name of the `timm_gcp.ops.eigh` backend; None: the process-wide default.
+        eigh_backend: the `timm_gcp.ops.eigh` backend: 'auto' (cuSOLVER on CUDA, else torch), 'torch' or 'cusolver'.
     """
     overflow_guard = False
 
@@ -179,15 +179,13 @@ class SpectralPower(MetaLayer):
             alpha: float = 0.5,
             eps: Optional[float] = None,
             float64: bool = False,
-            eigh_backend: Optional[str] = None,
+            eigh_backend: str = 'auto',
     ):
         super().__init__()
         self.alpha = float_option(self.name, 'alpha', alpha, 0., 2.)
         self.eps = optional(float_option, self.name, 'eps', eps, 0., 1., include_low=True)
         self.float64 = bool_option(self.name, 'float64', float64)
-        if eigh_backend is not None and not isinstance(eigh_backend, str):
-            raise ValueError(f'{self.name} option eigh_backend must be a backend name or None, got {eigh_backend!r}')
-        self.eigh_backend = eigh_backend
+        self.eigh_backend = check_eigh_backend(eigh_backend, f'{self.name} option eigh_backend')
 
     def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
         """(B, d, d) symmetric matrix L of the backward dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ."""
@@ -218,7 +216,7 @@ class _EigenvectorRule(SpectralPower):
     overflow_guard = True
 
     def __init__(self, alpha: float = 0.5, eps: Optional[float] = None, float64: bool = True,
-                 eigh_backend: Optional[str] = None):
+                 eigh_backend: str = 'auto'):
         super().__init__(alpha=alpha, eps=eps, float64=float64, eigh_backend=eigh_backend)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:

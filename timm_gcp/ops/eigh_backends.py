@@ -1,75 +1,32 @@
-"""Exact symmetric eigendecomposition behind one pluggable backend choice.
+"""Exact symmetric eigendecomposition: `torch.linalg.eigh` or cuSOLVER's batched solver, chosen per call.
 
-Backends are callables `(A: (B, d, d)) -> (eigenvalues (B, d) ascending, eigenvectors (B, d, d) in columns)`, all
-differentiable. `'torch'` is `torch.linalg.eigh` and works everywhere; `'cusolver'` is cuSOLVER's batched solver on
-CUDA (float32/float64), tens of times faster than `torch.linalg.eigh` there. `'auto'` (the default) takes `'cusolver'`
-for CUDA inputs when the library is available, else `'torch'` (on CUDA with a one-time warning).
-The process-wide default comes from `set_eigh_backend`, else the environment variable `TIMM_GCP_EIGH_BACKEND`.
+`'torch'` works everywhere; `'cusolver'` (CUDA, float32/float64) is tens of times faster than `torch.linalg.eigh`
+there; `'auto'` takes `'cusolver'` for CUDA inputs when the library loads, else `'torch'` (on CUDA with a one-time
+warning). Both backends are differentiable.
 """
-import os
 import warnings
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Optional, Set, Tuple
 
 import torch
 
 from .covariance import fp32_backward
 from .cusolver_eigh import cusolver_eigh, cusolver_status
 
-__all__ = ['eigh', 'register_eigh_backend', 'list_eigh_backends', 'set_eigh_backend', 'get_eigh_backend',
-           'create_eigh_backend', 'select_eigh_backend', 'use_eigh_backend', 'differentiable_eigh', 'EIGH_BACKEND_ENV']
+__all__ = ['EIGH_BACKENDS', 'eigh', 'check_eigh_backend', 'auto_eigh_backend']
 
-EighFn = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
-EIGH_BACKEND_ENV = 'TIMM_GCP_EIGH_BACKEND'
+EIGH_BACKENDS = ('auto', 'torch', 'cusolver')
 
-_BACKENDS: Dict[str, EighFn] = {}
-_selected: Optional[str] = None
 _warned_fallbacks: Set[str] = set()
 
 
-def register_eigh_backend(name: str, fn: EighFn) -> EighFn:
-    """Make `fn` selectable as eigendecomposition backend `name`."""
-    _BACKENDS[name] = fn
-    return fn
-
-
-def list_eigh_backends() -> List[str]:
-    """Names accepted by `set_eigh_backend`, 'auto' included."""
-    return ['auto'] + sorted(_BACKENDS)
-
-
-def _check_name(name: str, source: str = 'eigh backend') -> str:
-    if name != 'auto' and name not in _BACKENDS:
-        raise ValueError(f'Unknown {source} {name!r}; expected one of {list_eigh_backends()}')
+def check_eigh_backend(name: str, what: str = 'eigh backend') -> str:
+    """`name` if it is one of `EIGH_BACKENDS`, else one ValueError naming them."""
+    if not isinstance(name, str) or name not in EIGH_BACKENDS:
+        raise ValueError(f'{what} must be one of {", ".join(map(repr, EIGH_BACKENDS))}, got {name!r}')
     return name
 
 
-def set_eigh_backend(name: Optional[str]) -> None:
-    """Select the process-wide default backend ('auto' picks per device; None: back to the environment/'auto')."""
-    global _selected
-    _selected = None if name is None else _check_name(name)
-
-
-@contextmanager
-def use_eigh_backend(name: Optional[str]) -> Iterator[None]:
-    """Select `name` as the default backend inside the block, then restore the previous choice."""
-    global _selected
-    previous = _selected
-    set_eigh_backend(name)
-    try:
-        yield
-    finally:
-        _selected = previous
-
-
-def get_eigh_backend() -> str:
-    """The process-wide default backend name: `set_eigh_backend`'s, else $TIMM_GCP_EIGH_BACKEND, else 'auto'."""
-    if _selected is not None:
-        return _selected
-    return _check_name(os.environ.get(EIGH_BACKEND_ENV) or 'auto', f'${EIGH_BACKEND_ENV} value')
-
-
-def select_eigh_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def auto_eigh_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend 'auto' uses for inputs on `device` of `dtype`. Warns once per reason when CUDA falls back."""
     if device.type != 'cuda' or dtype not in (torch.float32, torch.float64):
         return 'torch'
@@ -84,10 +41,10 @@ def select_eigh_backend(device: torch.device, dtype: torch.dtype = torch.float32
 
 
 class _DifferentiableEigh(torch.autograd.Function):
-    """Eigendecomposition by any solver, with the standard symmetric eigh backward (as torch.linalg.eigh)."""
+    """Eigendecomposition by a non-differentiable solver, with `torch.linalg.eigh`'s backward."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, solver: EighFn) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, a: torch.Tensor, solver) -> Tuple[torch.Tensor, torch.Tensor]:
         values, vectors = solver(a)
         ctx.save_for_backward(values, vectors)
         return values, vectors
@@ -107,30 +64,11 @@ class _DifferentiableEigh(torch.autograd.Function):
         return vectors @ inner @ vectors.mT, None
 
 
-def differentiable_eigh(solver: EighFn) -> EighFn:
-    """Wrap a non-differentiable eigh solver so gradients flow like through `torch.linalg.eigh`."""
-    return lambda a: _DifferentiableEigh.apply(a, solver)
-
-
-register_eigh_backend('torch', torch.linalg.eigh)
-register_eigh_backend('cusolver', differentiable_eigh(cusolver_eigh))
-
-
-def _auto_eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _BACKENDS[select_eigh_backend(a.device, a.dtype)](a)
-
-
-def _default_eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return create_eigh_backend(get_eigh_backend())(a)
-
-
-def create_eigh_backend(name: Optional[str] = None) -> EighFn:
-    """The eigendecomposition function for `name` (None: whatever the process-wide default is at call time)."""
-    if name is None:
-        return _default_eigh
-    return _auto_eigh if _check_name(name) == 'auto' else _BACKENDS[name]
-
-
-def eigh(a: torch.Tensor, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of a batch of symmetric matrices (B, d, d)."""
-    return create_eigh_backend(backend)(a)
+def eigh(a: torch.Tensor, backend: str = 'auto') -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (B, d) ascending and eigenvectors (B, d, d) in columns of a batch of symmetric matrices, by
+    `backend` ('auto', 'torch' or 'cusolver'); differentiable."""
+    if check_eigh_backend(backend) == 'auto':
+        backend = auto_eigh_backend(a.device, a.dtype)
+    if backend == 'torch':
+        return torch.linalg.eigh(a)
+    return _DifferentiableEigh.apply(a, cusolver_eigh)
