@@ -1,8 +1,11 @@
-"""Shared fixtures: the read-only sample data beside the checkout, and deterministic seeds."""
+"""Shared fixtures: the read-only sample data beside the checkout, deterministic seeds, and a meta-layer registry
+that every test leaves as it found it."""
 from pathlib import Path
 
 import pytest
 import torch
+
+from timm_gcp.meta_layers import registry
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
@@ -18,3 +21,12 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_meta_layer_registry():
+    """Meta-layers a test registers are forgotten after it: no test sees another's."""
+    registered = dict(registry._META_LAYERS)
+    yield
+    registry._META_LAYERS.clear()
+    registry._META_LAYERS.update(registered)

@@ -1,4 +1,5 @@
 """Meta-layers against independent float64 references: forward accuracy, gradcheck, gradient agreement."""
+import math
 from fractions import Fraction
 
 import pytest
@@ -13,6 +14,8 @@ from timm_gcp.meta_layers.spectral import (
     SvdPade, geometric_partial_sum, loewner_power, pade_geometric_coefficients, polyval, published_pade_coefficients,
     replace_non_finite,
 )
+
+from reference_isqrt import reference_newton_schulz_sqrt
 
 ALL_METHODS = ['cov', 'eig', 'isqrt', 'mpa_lya', 'mtp_lya', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']
 EXACT_METHODS = ['eig', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']
@@ -40,7 +43,25 @@ def geometric_spectrum(d: int, ratio: float = 0.5) -> torch.Tensor:
 # ---------------------------------------------------------------- registry and bad input
 
 def test_every_method_is_registered():
-    assert timm_gcp.list_meta_layers() == ALL_METHODS
+    names = timm_gcp.list_meta_layers()
+    assert set(ALL_METHODS) <= set(names) and names == sorted(names)
+
+
+def test_a_registered_meta_layer_is_created_by_name():
+    @timm_gcp.register_meta_layer('test_doubled_cov')
+    class Doubled(timm_gcp.MetaLayer):
+        def normalize(self, cov):
+            return 2 * cov
+
+    cov = timm_gcp.covariance(torch.randn(2, 4, 10))
+    assert 'test_doubled_cov' in timm_gcp.list_meta_layers()
+    torch.testing.assert_close(timm_gcp.create_meta_layer('test_doubled_cov')(cov), 2 * cov)
+    with pytest.raises(ValueError, match="'test_doubled_cov' is already registered"):
+        timm_gcp.register_meta_layer('test_doubled_cov')(Doubled)
+
+
+def test_no_meta_layer_leaks_from_another_test():
+    assert 'test_doubled_cov' not in timm_gcp.list_meta_layers()  # registered above, forgotten by conftest
 
 
 def test_unknown_name_lists_every_known_name():
@@ -140,25 +161,14 @@ def test_mpa_coefficients_are_the_5_5_pade_of_sqrt_1_minus_z():
     assert [float(c) for c in taylor] == sqrt_taylor_coefficients(10)
 
 
-def reference_newton_schulz(cov: torch.Tensor, num_iter: int) -> torch.Tensor:
-    """Coupled Newton–Schulz in float64, every step updating both Y and Z (the last Z is unused)."""
-    cov = cov.double()
-    eye = torch.eye(cov.shape[-1], dtype=torch.float64).expand_as(cov)
-    trace = cov.diagonal(dim1=1, dim2=2).sum(-1).view(-1, 1, 1)
-    y, z = cov / trace, eye
-    for _ in range(num_iter):
-        t = 0.5 * (3 * eye - z @ y)
-        y, z = y @ t, t @ z
-    return y * trace.sqrt()
-
-
 @pytest.mark.parametrize('num_iter', [1, 2, 5])
 def test_isqrt_matches_independent_newton_schulz(num_iter):
     cov = spd(torch.linspace(0.01, 1.0, 24), batch=3)
+    expected = reference_newton_schulz_sqrt(cov, num_iter)
     out = timm_gcp.create_meta_layer('isqrt', num_iter=num_iter)(cov)
-    torch.testing.assert_close(out, reference_newton_schulz(cov, num_iter), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-13)
     out32 = timm_gcp.create_meta_layer('isqrt', num_iter=num_iter)(cov.float())
-    assert relative_error(out32, reference_newton_schulz(cov, num_iter)) < 1e-5
+    assert relative_error(out32, expected) < 1e-5
 
 
 def test_isqrt_converges_to_exact_root():
@@ -362,27 +372,30 @@ def test_cov_layer_is_identity_in_float32():
     assert timm_gcp.create_meta_layer('cov')(cov.to(torch.bfloat16)).dtype == torch.float32
 
 
-def reference_drop_rate(x: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rate from the explicit covariance (C x C), as written in the DropCov paper."""
-    row_sums = timm_gcp.covariance(x.double()).sum(-1)
-    agreement = torch.nn.functional.cosine_similarity(weights.double(), row_sums, dim=1).mean()
-    return (1 - scale / torch.log2(torch.tensor(float(x.shape[1]))) * agreement).clamp(0, 1)
+def reference_reweighted_and_rate(layer: AdaptiveChannelDropout, x: torch.Tensor):
+    """The paper's steps in float64 with the layer's attention kernel: softmax(conv1d(GAP(x))) = w, x' = x·(1 + w),
+    p = clamp(1 − (scale/log2 C)·mean_b cos(w_b, row sums of the explicit C x C covariance of x'_b), 0, 1)."""
+    flat = x.double().flatten(2)
+    kernel = layer.attention.weight.double()
+    weights = torch.nn.functional.conv1d(flat.mean(-1)[:, None], kernel, padding=kernel.shape[-1] // 2)[:, 0]
+    weights = weights.softmax(dim=-1)
+    reweighted = flat * (1 + weights[..., None])
+    row_sums = torch.stack([torch.cov(sample, correction=0).sum(-1) for sample in reweighted])
+    agreement = torch.nn.functional.cosine_similarity(weights, row_sums, dim=1).mean()
+    return reweighted, (1 - layer.scale / math.log2(x.shape[1]) * agreement).clamp(0, 1)
 
 
 def test_adaptive_channel_dropout_rate_and_mask():
     layer = AdaptiveChannelDropout(scale=2.0).train()
     x = torch.randn(4, 64, 7, 7).abs()
-    flat = x.flatten(2)
-    weights = layer.channel_weights(flat)
-    reweighted = flat * (1 + weights.unsqueeze(-1))
-    p = layer.drop_rate(reweighted, weights)
-    torch.testing.assert_close(p.double(), reference_drop_rate(reweighted, weights, 2.0), rtol=1e-5, atol=1e-6)
+    reweighted, p = reference_reweighted_and_rate(layer, x)
     assert 0 < p < 1
-    out = layer(x).flatten(2)
+    out = layer(x).flatten(2).double()
     dropped = (out == 0).all(dim=-1)
     kept = ~dropped
-    torch.testing.assert_close(out[kept], (reweighted[kept] / (1 - p)), rtol=1e-5, atol=1e-6)
-    assert 0 < dropped.float().mean() < 1
+    # every channel is dropped whole or kept and rescaled by 1/(1 - p)
+    torch.testing.assert_close(out[kept], reweighted[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+    assert 0 < dropped.double().mean() < 1
 
 
 def test_adaptive_channel_dropout_eval_identity_and_gradients():
