@@ -12,11 +12,9 @@ class AdaptiveChannelDropout(nn.Module):
     """DropCov's adaptive channel dropout (Wang et al., NeurIPS 2022): (B, C, H, W) or (B, C, M) features in,
     same shape out; the identity in eval mode.
 
-    In training, an ECA-style channel attention (global average pool, 1-D convolution of width `kernel_size` across
-    channels, softmax over channels) gives weights w and re-weights the features x' = x·(1 + w). Each channel's total
-    correlation r_c = Σ_c' Σ_cc' is the row sum of the covariance of x' (computed in O(C·M), never forming Σ). The
-    dropout rate is p = clamp(1 − (`scale` / log2 C)·mean_b cos(w_b, r_b), 0, 1), one per batch, not differentiated;
-    then whole channels of x' are dropped with probability p and the kept ones scaled by 1/(1 − p).
+    In training, features re-weighted by a softmax channel attention w lose whole channels with a rate p set by how
+    well w agrees with each channel's total correlation (`scale`: how strongly); kept channels are scaled by
+    1/(1 − p). The rule: docs/meta_layers.md.
     """
 
     def __init__(self, kernel_size: int = 3, scale: float = 10.0):

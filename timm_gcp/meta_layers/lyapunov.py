@@ -1,9 +1,7 @@
 """MPA-Lya and MTP-Lya (Song, Sebe, Wang, "Fast Differentiable Matrix Square Root", ICLR 2022).
 
-Forward: A -> A/‖A‖_F, Z = I − A/‖A‖_F, then √(1 − z) as a matrix polynomial in Z ([5/5] Padé, one linear solve;
-or the degree-10 Taylor polynomial), times √‖A‖_F. Backward: the gradient of the matrix square root, X with
-Y X + X Y = sym(G) (a Lyapunov equation; Y is the forward's output), solved by Newton–Schulz iteration of the matrix
-sign of [[Y, −G], [0, −Y]] (8 steps by default). Output dtype: float32, or float64 for float64 input.
+Forward: √A as a matrix Padé or Taylor polynomial of the Frobenius-normalised A. Backward: the exact square root's
+gradient, a Lyapunov equation solved by matrix-sign iteration. Derivations: docs/meta_layers.md.
 """
 from typing import List, Sequence
 
@@ -48,8 +46,7 @@ def _frobenius(m: torch.Tensor) -> torch.Tensor:
 
 def solve_lyapunov(y: torch.Tensor, g: torch.Tensor, num_iter: int = 8) -> torch.Tensor:
     """X with Y X + X Y = G for symmetric positive (semi)definite Y, by `num_iter` Newton–Schulz steps on the sign
-    of [[Y, −G], [0, −Y]] scaled by 1/‖Y‖_F (its sign is [[I, −2X], [0, −I]]). Eigen-directions of Y far below
-    ‖Y‖_F converge slowly, which keeps their gradient bounded."""
+    of [[Y, −G], [0, −Y]] (which is [[I, −2X], [0, −I]]); directions of Y far below ‖Y‖_F stay bounded."""
     scale = _frobenius(y)
     b, d = y / scale, g / scale
     eye3 = 3.0 * _eye_like(y)

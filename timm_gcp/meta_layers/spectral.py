@@ -1,22 +1,8 @@
 """Exact-eigendecomposition meta-layers: MPN-COV's matrix power (`eig`) and the ICCV'21 SVD family (`svd_*`).
 
-Every layer here shares one forward: Σ = V diag(λ) Vᵀ from the pluggable eigendecomposition backend
-(`timm_gcp.ops.eigh`, see `timm_gcp.ops.eigh_backends`), eigenvalues clamped from below, out = V diag(λ^α) Vᵀ.
-They differ only in the backward, which is always dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ for a symmetric matrix L of divided differences:
-
-- `eig` uses the exact L_ij = (λ_i^α − λ_j^α)/(λ_i − λ_j) (Daleckii–Krein / Loewner), evaluated without ever
-  dividing by λ_i − λ_j, with L_ii = α λ_i^(α−1).
-- `svd_*` use the eigenvector rule L_ij = (λ_i^α − λ_j^α)·K_ij, where K_ij ≈ 1/(λ_i − λ_j) is written as
-  ±(1/a)·R(b/a), a = max(λ_i, λ_j), b = min(λ_i, λ_j), and R(x) approximates 1/(1 − x): the [50/50] Padé
-  approximant (as published, or a bounded variant), the degree-100 Taylor polynomial, the derivative of 20 power iterations; or K is clipped at 1e10.
-  Each unordered pair i < j is evaluated once (on (B, d(d−1)/2) values) and mirrored into L.
-
-Eigenvalues are clamped at max(eps·λ_max, 1.2e-38): `eps` is relative to the largest eigenvalue (default: the
-machine epsilon of the dtype the eigendecomposition runs in, 1.19e-7 for float32, 2.22e-16 for float64) and the
-absolute floor (float32's smallest normal number) keeps all-zero covariances finite. The backward treats clamped
-eigenvalues as if they sat at the floor, so rank-deficient covariances get large but finite gradients.
-Output dtype: float32, or float64 for float64 input; `float64=True` runs the eigendecomposition and the backward in
-float64 and casts back.
+One forward for all: Σ = V diag(λ) Vᵀ (`timm_gcp.ops.eigh`), eigenvalues clamped at max(eps·λ_max, 1.2e-38),
+out = V diag(λ^α) Vᵀ. They differ in the backward dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ: `eig` uses the exact divided
+differences L, `svd_*` the eigenvector rule with an approximated 1/(λ_i − λ_j). Derivations: docs/meta_layers.md.
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -102,17 +88,9 @@ def geometric_partial_sum(x: torch.Tensor, num_terms: int) -> torch.Tensor:
 
 
 def pade_geometric_coefficients(n: int = 50):
-    """Numerator and denominator coefficients (ascending powers) of a bounded [n/n] Padé-type approximant of
-    1/(1 − x) (`svd_pade`'s `approximant='bounded'`).
-
-    Every [n/n] rational that matches the geometric series 1/(1 − x) — or its degree-2n Taylor truncation — through
-    x^(2n) collapses to 1/(1 − x) itself (the Padé problem is degenerate), which is unbounded at ties. A non-degenerate
-    [n/n] rational can match 1/(1 − x) at most through x^n; those satisfy Q = (1 − x)P + p_n x^(n+1). Taking for P the
-    sum of the Taylor partial sums (their Fejér mean, up to a factor) fixes the rest:
-    P(x) = Σ_{k≤n} (n+1−k) x^k, Q(x) = (n+1) − Σ_{1≤k≤n} x^k. Then R = P/Q has error 1/(1 − x) − R = x^(n+1)/((1−x)Q),
-    Q ≥ 1 on [0, 1] (no poles), and R(1) = (n+1)(n+2)/2 (1326 for n = 50): bounded at ties, far closer to 1/(1 − x)
-    near them than the degree-2n Taylor polynomial (whose value at ties is 2n+1).
-    """
+    """Numerator and denominator coefficients (ascending powers) of a [n/n] approximant of 1/(1 − x) that stays
+    finite at x = 1 (`svd_pade`'s `approximant='bounded'`): P(x) = Σ_{k≤n} (n+1−k) x^k, Q(x) = (n+1) − Σ_{1≤k≤n} x^k,
+    exact through x^n, no poles on [0, 1] (derivation: docs/meta_layers.md)."""
     numerator = [float(n + 1 - k) for k in range(n + 1)]
     denominator = [float(n + 1)] + [-1.0] * n
     return numerator, denominator
@@ -121,10 +99,8 @@ def pade_geometric_coefficients(n: int = 50):
 @functools.lru_cache(maxsize=None)
 def published_pade_coefficients(n: int = 50) -> Tuple[List[float], List[float]]:
     """Numerator and denominator coefficients (ascending powers) of the [n/n] Padé approximant of 1/(1 − x) as the
-    ICCV'21 release computes it: mpmath at 20 significant digits, from numerically differentiated degree-2n Taylor
-    coefficients of the geometric series. The rounding makes the degenerate Padé problem solvable; in floating point
-    the result equals 1/(1 − x) to about 1e-12 relative on [0, 0.999] and is infinite at x = 1 (ties), where the
-    overflow guard acts. Computed once, on first use."""
+    ICCV'21 release computes it (mpmath at 20 digits from numerically differentiated Taylor coefficients): 1/(1 − x)
+    in floating point, infinite at ties. Computed once, on first use."""
     from mpmath import mp, mpf, pade, taylor  # a dependency of torch (through sympy)
     with mp.workdps(20):
         numerator, denominator = pade(taylor(lambda x: mpf(1) / (1 - x), 0, 2 * n), n, n)
@@ -244,11 +220,8 @@ class _EigenvectorRule(SpectralPower):
 
 @register_meta_layer('svd_pade')
 class SvdPade(_EigenvectorRule):
-    """SVD-Padé (Song et al., ICCV 2021): K from a [50/50] Padé approximant of 1/(1 − x).
-
-    `approximant='published'` uses the release's coefficients (`published_pade_coefficients`: 1/(1 − x) itself in
-    floating point, infinite at ties, then the overflow guard); `'bounded'` a non-degenerate approximant that stays
-    finite at ties (`pade_geometric_coefficients`)."""
+    """SVD-Padé (Song et al., ICCV 2021): K from a [50/50] Padé approximant of 1/(1 − x): the release's
+    (`approximant='published'`, infinite at ties, then the overflow guard) or one bounded at ties (`'bounded'`)."""
     APPROXIMANTS = {'published': published_pade_coefficients, 'bounded': pade_geometric_coefficients}
 
     def __init__(self, approximant: str = 'published', **kwargs):
@@ -282,9 +255,8 @@ class SvdTaylor(_EigenvectorRule):
 @register_meta_layer('svd_pi')
 class SvdPowerIteration(_EigenvectorRule):
     """SVD-PI (Wang et al., NeurIPS 2019; Song et al., ICCV 2021): the gradient of `num_iter` power iterations
-    (20 by default) started at the converged eigenvectors. In the eigenbasis that gradient is exactly
-    K_ij = (1/λ_i) Σ_{k<num_iter} (λ_j/λ_i)^k for λ_j < λ_i (each deflated pair counted once), which is evaluated
-    directly rather than by iterating d deflated matrices."""
+    (20 by default) started at the converged eigenvectors, evaluated in closed form as the `num_iter`-term partial
+    geometric sum it equals in the eigenbasis."""
 
     def __init__(self, num_iter: int = 20, **kwargs):
         super().__init__(**kwargs)

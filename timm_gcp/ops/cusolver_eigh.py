@@ -1,13 +1,8 @@
-"""Batched symmetric eigendecomposition on CUDA through cuSOLVER's `cusolverDnXsyevBatched` (ctypes).
+"""Batched symmetric eigendecomposition on CUDA through cuSOLVER's `cusolverDnXsyevBatched` (ctypes), in the
+libcusolver PyTorch's CUDA wheels ship (loaded on first use; `TIMM_GCP_CUSOLVER_LIB` overrides where it is looked for).
 
-The library is the libcusolver that PyTorch's CUDA wheels already ship; nothing is compiled or installed. It is
-located and loaded on first use only (never at import), runs on torch's current stream, keeps one handle per device and
-thread, reuses its workspace per (device, stream) and checks every matrix's `info` and eigenvalues.
-`TIMM_GCP_CUSOLVER_LIB=/path/to/libcusolver.so.N` overrides where the library is looked for.
-
-The checks never stall the GPU: each call queues its per-matrix check (copied to the host asynchronously), and the next
-call on the same thread raises `torch.linalg.LinAlgError` naming the failed batch elements of any earlier call that has
-finished; `check_cusolver_failures()` waits for all of this thread's calls and raises the same way.
+Failed solves never stall the GPU: they raise `torch.linalg.LinAlgError` at the next call on the same thread, or in
+`check_cusolver_failures()`, which waits. Design: docs/meta_layers.md.
 """
 import ctypes
 import ctypes.util
