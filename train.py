@@ -5,7 +5,8 @@
     python train.py --recipe finegrained_448 --data-dir DATA --model gcp_resnet50 --backbone-weights resnet50.a1_in1k
     accelerate launch train.py --recipe imagenet_65ep --data-dir IMAGENET --model gcp_resnet50
 
-Run directory (--output): metrics.json, curves.png, checkpoints/, logs/ (TensorBoard), model/ (Hub-ready).
+Run directory (--output): metrics.json, summary.csv (timm's per-epoch summary), checkpoints/, logs/ (TensorBoard),
+model/ (Hub-ready).
 User errors end with one line on stderr and an exit code per kind (timm_gcp.training.errors); --debug (or
 TIMM_GCP_DEBUG=1) shows their traceback.
 """
@@ -16,24 +17,24 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
 from timm.models import get_pretrained_cfg
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, trim_summary, update_summary
 
 import timm_gcp  # noqa: F401  (registers the GCP models with timm)
-from timm_gcp.hub import export_model
 from timm_gcp.training import (
     DEFAULT_RECIPE, EXIT_DATA, EXIT_OUTPUT_IN_USE, EXIT_USAGE, Checkpointer, CheckpointError, OutputInUse, RunLock,
-    StopSignal, TrainComponents, TrainState, TrainingDiverged, base_lr, card_metrics, check_compatible,
+    StopSignal, TrainComponents, TrainState, TrainingDiverged, base_lr, check_compatible,
     check_input_size, check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters,
     create_dataloader, create_datasets, create_loss, create_train_model, create_train_optimizer,
     create_train_scheduler, create_transforms, dataset_name, evaluate, exit_code_of, finite_or_none, load_ema,
-    nonfinite_tensors, parse_args, parse_meta_layer_switch, public_command, public_flags, resolve_run_dir,
+    metrics_for_card, nonfinite_tensors, parse_args, parse_meta_layer_switch, public_command, public_flags, resolve_run_dir,
     scalar_flags, select_checkpoint, set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -41,6 +42,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with user_errors(EXIT_USAGE):
         args = parse_args(argv)
         switch = parse_meta_layer_switch(args.switch_meta_layer)
+    from accelerate import Accelerator, DataLoaderConfiguration  # imported once the flags parse: `--help` stays quick
     checkpoint, state, skipped = select_checkpoint(args.resume) if args.resume else (None, None, [])
     run_dir = resolve_run_dir(args, checkpoint)
     accelerator = Accelerator(
@@ -55,8 +57,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return _train(args, argv, switch, accelerator, run_dir, checkpoint, state)
 
 
-def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accelerator, run_dir: Path,
+def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Accelerator', run_dir: Path,
            checkpoint: Optional[Path], state: Optional[TrainState]) -> Dict[str, Any]:
+    from accelerate.utils import set_seed
+    from timm_gcp.hub import export_model
     set_seed(args.seed)
     accelerator.print(f'recipe: {args.recipe}' + (' (the bundled demo)' if args.recipe == DEFAULT_RECIPE else ''),
                       flush=True)
@@ -126,6 +130,9 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accel
     checkpointer = Checkpointer(accelerator, run_dir, args.checkpoint_hist, ema, last=checkpoint)
     accelerator.init_trackers('logs', config=scalar_flags(args))
     metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
+    summary_csv = run_dir / 'summary.csv'
+    if accelerator.is_main_process:
+        trim_summary(str(summary_csv), state.epoch)  # rows past the resumed checkpoint (timm's resume rule)
 
     # ---- training loop -----------------------------------------------------------------------------------------------
     with StopSignal() as stop:
@@ -163,11 +170,11 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accel
                        'meta_layer': state.meta_layer or getattr(bare, 'meta_layer_name', None),
                        'train_loss': state.train_loss_sum / max(state.train_samples, 1),
                        'train_images': state.train_samples, 'unreadable_train': state.unreadable_train}
-                row.update(evaluate(accelerator, model, val_loader, args.flip_test, args.channels_last,
+                row.update(evaluate(model, val_loader, accelerator, args.flip_test, args.channels_last,
                                     not args.no_progress))
                 if ema is not None:
                     row.update({f'raw_{k}': row[k] for k in ('val_loss', 'top1', 'top5')})
-                    row.update(evaluate(accelerator, ema.module, val_loader, args.flip_test, args.channels_last,
+                    row.update(evaluate(ema.module, val_loader, accelerator, args.flip_test, args.channels_last,
                                         not args.no_progress))
                 row['epoch_time_s'] = round(time.time() - start, 2)
                 state.history.append(finite_or_none(row))
@@ -175,6 +182,10 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accel
                 state.reset_counters()
                 checkpointer.save(state)
                 metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
+                if accelerator.is_main_process:
+                    update_summary(epoch, {'loss': row['train_loss']},
+                                   {'loss': row['val_loss'], 'top1': row['top1'], 'top5': row['top5']},
+                                   str(summary_csv), lr=row['lr'])
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
                 accelerator.print(f'epoch {epoch}: train loss {row["train_loss"]:.4f} | val loss '
                                   f'{row["val_loss"]:.4f} top-1 {row["top1"]:.2f} top-5 {row["top5"]:.2f} '
@@ -190,7 +201,7 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accel
     model_dir = run_dir / 'model'
     _check_finite(final_model, 'in the final weights')
     if accelerator.is_main_process:
-        export_model(final_model, model_dir, label_names=data.class_names, metrics=card_metrics(metrics),
+        export_model(final_model, model_dir, label_names=data.class_names, metrics=metrics_for_card(metrics),
                      recipe=public_flags(args), command=public_command(command), dataset=dataset_name(args),
                      data_config=data_config, base_model=_base_model(args, bare))
         final, best = metrics['final'], metrics['best']
@@ -204,8 +215,9 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: Accel
 
 
 @contextmanager
-def _own_run_dir(accelerator: Accelerator, run_dir: Path, resuming: bool) -> Iterator[None]:
+def _own_run_dir(accelerator: 'Accelerator', run_dir: Path, resuming: bool) -> Iterator[None]:
     """Hold the run folder's lock (taken by the main process) for the body; fail at once if another run holds it."""
+    from accelerate.utils import broadcast_object_list
     lock = RunLock(run_dir)
     refusal = None
     if accelerator.is_main_process:
@@ -247,7 +259,7 @@ def _base_model(args: Any, model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def _exit_interrupted(accelerator: Accelerator, run_dir: Path, command: str, signum: Optional[int]) -> None:
+def _exit_interrupted(accelerator: 'Accelerator', run_dir: Path, command: str, signum: Optional[int]) -> None:
     accelerator.end_training()
     accelerator.print(f'interrupted: checkpoint saved; continue with: {command} --resume {run_dir}', flush=True)
     sys.exit(128 + (signum or 2))

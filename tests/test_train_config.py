@@ -1,5 +1,10 @@
 """Recipes, flag precedence, the demo-recipe rule, --help defaults, published flags and command without local paths,
 meta-layer switch parsing, parameter groups and scheduler semantics of train.py."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,8 @@ import timm_gcp  # noqa: F401
 from timm_gcp.training import (
     DEFAULT_RECIPE, build_parser, command_line, create_train_optimizer, create_train_scheduler, create_transforms,
     list_recipes, load_recipe, param_groups, parse_args, parse_meta_layer_switch, public_command, public_flags)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lr_per_epoch(args):
@@ -194,3 +201,36 @@ def test_a_pretrained_tag_brings_its_own_data_config():
     assert (data_config['interpolation'], data_config['crop_pct']) == (expected['interpolation'], expected['crop_pct'])
     normalize = [t for t in eval_tf.transforms if isinstance(t, T.Normalize)][0]
     assert [float(m) for m in normalize.mean] == [0.5, 0.5, 0.5]
+
+
+def test_help_imports_no_training_machinery():
+    """`train.py --help` needs only the flags: accelerate, TensorBoard, the Hub tooling and datasets stay unimported."""
+    done = subprocess.run([sys.executable, '-X', 'importtime', str(ROOT / 'train.py'), '--help'], capture_output=True,
+                          text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120, check=True)
+    assert '--recipe' in done.stdout
+    imported = {line.rsplit('|', 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith('import time')}
+    assert 'timm_gcp.training.config' in imported                        # the check sees this process's imports
+    assert not imported & {'accelerate', 'tensorboard', 'matplotlib', 'datasets', 'timm_gcp.hub'}
+
+
+@pytest.mark.slow
+def test_recipes_ship_in_the_wheel(tmp_path):
+    """A wheel holds the recipes and `load_recipe` finds them there, outside the checkout."""
+    src = tmp_path / 'src'  # a copy of what the build reads: the build leaves its build/ folder there
+    shutil.copytree(ROOT / 'timm_gcp', src / 'timm_gcp', ignore=shutil.ignore_patterns('__pycache__'))
+    for name in ('pyproject.toml', 'README.md'):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
+                    str(tmp_path / 'dist'), str(src)], check=True, timeout=600)
+    wheel, = (tmp_path / 'dist').glob('timm_gcp-*.whl')
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(tmp_path / 'site')
+    assert {f'timm_gcp/recipes/{name}.yaml' for name in list_recipes()} <= set(names)
+    script = ('import sys, timm_gcp.training as t; assert t.__file__.startswith(sys.argv[1]), t.__file__; '
+              'print(t.load_recipe("finegrained_448")["img_size"], len(t.list_recipes()))')
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'site')], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, 'PYTHONPATH': str(tmp_path / 'site'), 'OMP_NUM_THREADS': '1'},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['448', str(len(list_recipes()))]

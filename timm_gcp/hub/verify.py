@@ -12,8 +12,10 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 from safetensors.torch import load_file
+from timm.data import create_transform, resolve_model_data_config
 
-from .evaluate import evaluate_folder
+from ..training.data import create_dataloader, create_eval_dataset
+from ..training.evaluate import evaluate
 from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, WEIGHTS_NAME
 from .manifest import MANIFEST_NAME, file_digest, parse_manifest
 from .model_card import card_metrics
@@ -98,7 +100,10 @@ def _check_model(report: VerifyReport, model_name: str, folder: Path, data_dir: 
     if not report.card:
         raise VerificationError(f'{CARD_NAME} has no model-index top-1/top-5 to compare with')
     label_names = json.loads((folder / CONFIG_NAME).read_text()).get('label_names')
-    report.measured = evaluate_folder(model, data_dir, label_names, batch_size, hflip_average)
+    dataset = create_eval_dataset(data_dir, label_names)  # train.py's reader: same class order, same unreadable rule
+    dataset.transform = create_transform(**resolve_model_data_config(model))
+    result = evaluate(model, create_dataloader(dataset, batch_size, False, 0), flip_test=hflip_average)
+    report.measured = {'top1': result['top1'], 'top5': result['top5'], 'count': result['val_images']}
     for key, expected_value in report.card.items():
         if abs(report.measured[key] - expected_value) > tolerance:
             raise VerificationError(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from accelerate.utils import load as weights_only_load
 from safetensors.torch import load_file, load_model, save_model
 
 from .errors import CheckpointError
@@ -110,6 +109,7 @@ def _check_file(path: Path) -> None:
     elif path.suffix == '.json':
         json.loads(path.read_text())
     elif path.suffix in ('.bin', '.pt', '.pkl'):
+        from accelerate.utils import load as weights_only_load  # imported when resuming, not for `--help`
         loaded = weights_only_load(path, map_location='cpu')  # torch.load(weights_only=True), numpy RNG allowed
         if path.name.startswith('random_states_') and not (isinstance(loaded, dict) and set(_RNG_KEYS) <= set(loaded)):
             raise ValueError(f'expected a mapping with {", ".join(_RNG_KEYS)}')

@@ -9,6 +9,7 @@ import itertools
 import re
 import shlex
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -17,11 +18,11 @@ from timm.utils import ParseKwargs
 
 from .data import MAX_IMAGE_PIXELS
 
-__all__ = ['RECIPE_DIR', 'DEFAULT_RECIPE', 'build_parser', 'parse_args', 'list_recipes', 'load_recipe',
+__all__ = ['RECIPES', 'DEFAULT_RECIPE', 'build_parser', 'parse_args', 'list_recipes', 'load_recipe',
            'parse_meta_layer_switch', 'command_line', 'public_command', 'resolve_run_dir', 'check_run_dir_free',
            'public_flags', 'scalar_flags', 'dataset_name']
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / 'recipes'
+RECIPES = resources.files('timm_gcp') / 'recipes'  # package data: present in any install
 DEFAULT_RECIPE = 'pets_mini'
 _PATH_KEYS = ('data_dir', 'output', 'resume', 'initial_checkpoint', 'backbone_weights')
 # how a published command shows each path flag: by its last component ('name'), or not at all (None)
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group('recipe and config')
     g.add_argument('--recipe', default=None,
-                   help=f'named recipe in recipes/ or a YAML path; "none" for bare defaults. Default: the demo '
+                   help=f'named recipe ({", ".join(list_recipes())}) or a YAML path; "none" for bare defaults. Default: the demo '
                         f'{DEFAULT_RECIPE} when no --data-dir, --dataset or -c is given, else none')
     g.add_argument('-c', '--config', default='', help='YAML file of flags, applied over the recipe')
 
@@ -134,43 +135,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_recipes() -> List[str]:
-    """Names of the recipes shipped in recipes/."""
-    return sorted(path.stem for path in RECIPE_DIR.glob('*.yaml'))
+    """Names of the recipes shipped with the package (timm_gcp/recipes/*.yaml)."""
+    return sorted(entry.name[:-len('.yaml')] for entry in RECIPES.iterdir() if entry.name.endswith('.yaml'))
 
 
-def _recipe_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in ('.yaml', '.yml'):
-        if not path.is_file():
-            raise FileNotFoundError(f'recipe file {path} does not exist')
-        return path
-    path = RECIPE_DIR / f'{name}.yaml'
+def _yaml_file(path: Path) -> Tuple[str, str, Path]:
+    """(YAML text, how messages name it, the folder its relative paths resolve against)."""
     if not path.is_file():
+        raise FileNotFoundError(f'YAML file {path} does not exist')
+    return path.read_text(), str(path), path.parent
+
+
+def _recipe(name: str) -> Tuple[str, str, Path]:
+    """`_yaml_file` of a recipe YAML path or of a bundled recipe, whose relative paths resolve against the working
+    directory (the repository root, for the demo's data/pets-mini)."""
+    if Path(name).suffix in ('.yaml', '.yml'):
+        return _yaml_file(Path(name))
+    if name not in list_recipes():
         raise ValueError(f'Unknown recipe {name!r}; known recipes: {", ".join(list_recipes())} (or a .yaml path)')
-    return path
+    return (RECIPES / f'{name}.yaml').read_text(), f'recipe {name}', Path.cwd()
 
 
-def _load_yaml_flags(path: Path, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+def _load_yaml_flags(yaml_source: Tuple[str, str, Path], parser: argparse.ArgumentParser) -> Dict[str, Any]:
     """Flags from a YAML mapping, keys normalised to argparse dests and checked, paths made absolute."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    text, source, base = yaml_source
+    raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f'{path} must hold a mapping of flag names to values, got {type(raw).__name__}')
+        raise ValueError(f'{source} must hold a mapping of flag names to values, got {type(raw).__name__}')
     known = {action.dest for action in parser._actions}
     flags = {}
     for key, value in raw.items():
         dest = str(key).replace('-', '_')
         if dest not in known or dest in ('recipe', 'config', 'help'):
-            raise ValueError(f'{path}: unknown flag {key!r}; expected names of train.py flags, e.g. batch_size, lr')
+            raise ValueError(f'{source}: unknown flag {key!r}; expected names of train.py flags, e.g. batch_size, lr')
         if dest in _PATH_KEYS and isinstance(value, str) and value:
-            value = str((path.parent / value).resolve())
+            value = str((base / value).resolve())
         flags[dest] = value
     return flags
 
 
 def load_recipe(name: str) -> Dict[str, Any]:
     """The flags a named recipe (or recipe YAML path) sets."""
-    return _load_yaml_flags(_recipe_path(name), build_parser())
+    return _load_yaml_flags(_recipe(name), build_parser())
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -181,9 +187,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         known.recipe = 'none' if known.data_dir or known.dataset or known.config else DEFAULT_RECIPE
     defaults: Dict[str, Any] = {'recipe': known.recipe}
     if known.recipe != 'none':
-        defaults.update(_load_yaml_flags(_recipe_path(known.recipe), parser))
+        defaults.update(_load_yaml_flags(_recipe(known.recipe), parser))
     if known.config:
-        defaults.update(_load_yaml_flags(Path(known.config), parser))
+        defaults.update(_load_yaml_flags(_yaml_file(Path(known.config)), parser))
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.amp and args.mixed_precision is None:

@@ -13,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ['IMG_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'to_rgb', 'find_classes', 'ImageFolderDataset', 'HfImageDataset',
-           'DataBundle', 'create_datasets', 'create_transforms', 'create_dataloader']
+           'DataBundle', 'create_datasets', 'create_eval_dataset', 'create_transforms', 'create_dataloader']
 
 _logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class ImageFolderDataset(_ImageDataset):
         self.samples = [
             (path, target)
             for target, name in enumerate(self.class_names)
-            for path in sorted(p for p in (self.root / name).rglob('*') if _is_image(p))
+            for path in sorted(p for p in (self.root / name).rglob('*') if _is_image(p))  # none if absent
         ]
 
     def __len__(self) -> int:
@@ -250,6 +250,23 @@ def create_datasets(data_dir: Optional[str], dataset: str = '', train_split: str
     if train_ds.class_names != val_ds.class_names:
         raise ValueError(f'train and val class names differ: {train_ds.class_names} vs {val_ds.class_names}')
     return DataBundle(train_ds, val_ds, train_ds.class_names)
+
+
+def create_eval_dataset(data_dir: Union[str, Path], label_names: Optional[Sequence[str]] = None,
+                        max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> ImageFolderDataset:
+    """The validation images of `data_dir` (its `val/` or `validation/` folder, else `data_dir` itself), targets in
+    the order of `label_names` (a model's classes; default: the sorted class folders), unreadable images flagged."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f'data dir {data_dir} does not exist')
+    root = next((data_dir / name for name in ('val', 'validation') if (data_dir / name).is_dir()), data_dir)
+    classes = find_classes(root)
+    if label_names is not None:
+        unknown = sorted(set(classes) - set(label_names))
+        if unknown:
+            raise ValueError(f'{root} has classes the model does not know: {unknown[:10]}')
+        classes = list(label_names)
+    return ImageFolderDataset(root, classes, max_image_pixels=max_image_pixels)
 
 
 def create_transforms(model: torch.nn.Module, args: Dict[str, Any]) -> Tuple[Callable, Callable, Dict[str, Any]]:

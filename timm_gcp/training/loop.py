@@ -1,20 +1,18 @@
-"""One training epoch and one evaluation pass under accelerate."""
+"""One training epoch under accelerate."""
 from argparse import Namespace
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..metrics import predict, topk_correct
 from .checkpoint import TrainState
 from .errors import TrainingDiverged
 
-__all__ = ['TrainComponents', 'create_loss', 'train_one_epoch', 'evaluate', 'base_lr']
+__all__ = ['TrainComponents', 'create_loss', 'train_one_epoch', 'base_lr']
 
 
 @dataclass
@@ -44,10 +42,6 @@ def create_loss(args: Namespace, num_classes: int) -> Tuple[Callable, Optional[M
     return SoftTargetCrossEntropy(), mixup
 
 
-def _inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 def _is_divergence(err: Exception) -> bool:
     """Whether a failure in the forward or backward pass is what exploding weights cause (non-finite or
     overflowing covariances reaching a meta-layer)."""
@@ -69,7 +63,8 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
                desc=f'epoch {state.epoch}', leave=False, dynamic_ncols=True)
     batches, nonfinite = state.batches_done, 0
     for x, y, unreadable in loader:
-        x = _inputs(x, parts.channels_last)
+        if parts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if parts.mixup is not None:
             x, y = parts.mixup(x, y)
         with acc.accumulate(model):
@@ -106,30 +101,6 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
             if nonfinite == 0 and on_update():
                 break
     bar.close()
-
-
-@torch.no_grad()
-def evaluate(accelerator: Any, model: nn.Module, loader: Iterable, flip_test: bool = False,
-             channels_last: bool = False, progress: bool = True) -> Dict[str, float]:
-    """Loss and top-1/top-5 (%) over every readable image of the validation set, each counted once across
-    processes (`gather_for_metrics` drops the padding of the last batches)."""
-    model.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, readable, unreadable
-    for x, y, unreadable in tqdm(loader, disable=not (progress and accelerator.is_main_process),
-                                 desc='eval', leave=False, dynamic_ncols=True):
-        with accelerator.autocast():
-            logits = predict(model, _inputs(x, channels_last), flip_test)
-        target = y.clamp_min(0)
-        loss = F.cross_entropy(logits, target, reduction='none')
-        hits = topk_correct(logits, target)
-        loss, hits, unreadable = accelerator.gather_for_metrics((loss, hits, unreadable))
-        readable = (unreadable == 0).double()
-        totals += torch.stack([(loss.double() * readable).sum(), (hits[:, 0].double() * readable).sum(),
-                               (hits[:, 1].double() * readable).sum(), readable.sum(), (1 - readable).sum()])
-    loss_sum, top1, top5, count, skipped = totals.tolist()
-    denom = max(count, 1.)
-    return {'val_loss': loss_sum / denom, 'top1': 100. * top1 / denom, 'top5': 100. * top5 / denom,
-            'val_images': int(count), 'unreadable_val': int(skipped)}
 
 
 def base_lr(optimizer: Any) -> float:

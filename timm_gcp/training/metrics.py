@@ -6,9 +6,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .plots import plot_curves
-
-__all__ = ['finite_or_none', 'summarize', 'write_json', 'write_run_metrics', 'card_metrics']
+__all__ = ['finite_or_none', 'summarize', 'write_json', 'write_run_metrics', 'metrics_for_card']
 
 
 def finite_or_none(value: Any) -> Any:
@@ -41,19 +39,17 @@ def write_json(data: Dict[str, Any], path: Path) -> None:
 
 def write_run_metrics(accelerator: Any, run_dir: Path, args: Namespace, command: str, data: Any,
                       history: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The run's metrics; the main process writes them to `run_dir/metrics.json` and plots `run_dir/curves.png`."""
+    """The run's metrics; the main process writes them to `run_dir/metrics.json`."""
     metrics = {'model': args.model, 'recipe': args.recipe, 'command': command,
                'dataset': args.dataset or str(args.data_dir), 'num_classes': len(data.class_names),
                'train_images': len(data.train), 'val_images': len(data.val),
                **summarize(history), 'history': history}
     if accelerator.is_main_process:
         write_json(metrics, Path(run_dir) / 'metrics.json')
-        if history:
-            plot_curves(history, Path(run_dir) / 'curves.png')
     return metrics
 
 
-def card_metrics(metrics: Dict[str, Any]) -> Dict[str, Any]:
+def metrics_for_card(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """The final and best results as the model card reports them."""
     final, best = metrics['final'], metrics['best']
     return {'top1': final['top1'], 'top5': final['top5'], 'epochs': final['epoch'] + 1,

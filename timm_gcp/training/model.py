@@ -3,6 +3,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from ..meta_layers import list_meta_layers
@@ -69,21 +70,16 @@ def set_meta_layer(models: List[Optional[nn.Module]], name: str) -> None:
             model.set_meta_layer(name)
 
 
-def _is_no_decay(name: str, param: torch.Tensor, no_decay_names: set) -> bool:
-    return param.ndim <= 1 or name.endswith('.bias') or name in no_decay_names
-
-
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
-    """Parameter groups: no weight decay on biases and norms (timm's rule); the classifier's `lr_scale` is
-    `head_lr_mult` (timm schedulers multiply each group's lr by its `lr_scale`)."""
+    """timm's weight-decay groups (`param_groups_weight_decay`: none on biases, norms and `no_weight_decay()`), each
+    split into backbone and classifier, the classifier's with `lr_scale` `head_lr_mult` (which timm schedulers apply).
+    timm has no per-module lr multiplier (its `layer_decay` scales by depth), hence the split here."""
+    no_decay = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
     head_ids = {id(p) for p in model.get_classifier().parameters()}
-    no_decay_names = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
-    groups: Dict[Tuple[bool, bool], Dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = (id(param) in head_ids, _is_no_decay(name, param, no_decay_names))
-        group = groups.setdefault(key, {'params': [], 'weight_decay': 0. if key[1] else weight_decay,
-                                        'lr_scale': head_lr_mult if key[0] else 1.0})
-        group['params'].append(param)
-    return list(groups.values())
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay):
+        for is_head, lr_scale in ((False, 1.0), (True, head_lr_mult)):
+            params = [p for p in group['params'] if (id(p) in head_ids) == is_head]
+            if params:
+                groups.append({**group, 'params': params, 'lr_scale': lr_scale})
+    return groups
