@@ -2,7 +2,7 @@
 
 In-memory git-like storage (commits, branches); files are always answered as `regular` uploads so the client never
 switches to Xet. Commits are applied atomically after the whole request body parsed. Fault injection:
-`fail_next_commits` (503 on the next N commit requests), `fail_paths` (500 on any commit touching those paths) and
+`fail_next_commits` (`fail_status`, 503 by default, on the next N commit requests), `fail_paths` (500 on any commit touching those paths) and
 `corrupt_downloads` (those paths are served with their last byte flipped, while tree and ETag report the stored bytes).
 """
 import base64
@@ -52,6 +52,7 @@ class HubServer:
         self.token = token
         self.repos: Dict[Tuple[str, str], Repo] = {}
         self.fail_next_commits = 0
+        self.fail_status = 503
         self.fail_paths: Set[str] = set()
         self.corrupt_downloads: Set[str] = set()
         self.commit_requests = 0
@@ -195,7 +196,7 @@ def _make_handler(hub: HubServer):
                 hub.commit_requests += 1
                 if hub.fail_next_commits > 0:
                     hub.fail_next_commits -= 1
-                    return self._error(503, 'ServiceUnavailable', 'injected transient failure')
+                    return self._error(hub.fail_status, 'InjectedFailure', 'injected failure')
                 if branch not in repo.refs:
                     return self._error(404, 'RevisionNotFound', f'branch {branch} not found')
                 files = dict(repo.commits[repo.refs[branch]])

@@ -1,7 +1,6 @@
 """hub/catalogue.yaml against timm's registry (published = a registered tag, converted/planned = not registered),
 against convert's sources and train.py's recipes, and the README table generated from it."""
 import re
-import runpy
 import shlex
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import timm
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub.catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
+from timm_gcp.hub.cli import main
 from timm_gcp.hub.convert import SOURCES
 from timm_gcp.training.config import list_recipes
 
@@ -92,32 +92,55 @@ def test_planned_commands_name_a_recipe_and_a_loadable_start(entry):
         assert model in timm.list_pretrained(model)
 
 
+def test_planned_block_generates_every_architecture_on_every_data_set(tmp_path):
+    path = tmp_path / 'catalogue.yaml'
+    path.write_text('''models: []
+planned:
+  archs: [gcp_resnet18, gsop_resnet50]
+  meta_layer: isqrt
+  datasets:
+    - {tag: in1k, dataset: ImageNet-1k, resolution: 224, num_classes: 1000, recipe: imagenet_65ep,
+       data_dir: IMAGENET, paper_top1: {gsop_resnet50: 78.81}}
+    - {tag: ft_cub, dataset: CUB, resolution: 448, num_classes: 200, recipe: finegrained_448, data_dir: CUB,
+       start: a1_in1k}
+''')
+    entries = load_catalogue(path)
+    assert [(e.name, e.status, e.paper_top1) for e in entries] == [
+        ('gcp_resnet18.in1k', 'planned', None), ('gcp_resnet18.ft_cub', 'planned', None),
+        ('gsop_resnet50.in1k', 'planned', 78.81), ('gsop_resnet50.ft_cub', 'planned', None)]
+    assert entries[3].recipe == ('accelerate launch train.py --recipe finegrained_448 --model gsop_resnet50.a1_in1k '
+                                 '--pretrained --data-dir CUB')
+    assert entries[0].recipe == ('accelerate launch train.py --recipe imagenet_65ep --model gcp_resnet18 '
+                                 '--data-dir IMAGENET')
+    path.write_text('models: []\nplanned: {archs: [gcp_resnet18], meta_layer: isqrt, datasets: [{tag: t}]}\n')
+    with pytest.raises(ValueError, match='`planned` block: .* missing or malformed'):
+        load_catalogue(path)
+
+
 def test_readme_table_is_generated_from_the_catalogue():
     readme = (ROOT / 'README.md').read_text()
-    assert replace_table(readme, render_table(CATALOGUE)) == readme, 'run: python hub/model_table.py --write'
+    assert replace_table(readme, render_table(CATALOGUE)) == readme, 'run: timm-gcp model-table --write'
 
 
 def test_model_table_cli_rewrites_only_the_table(tmp_path):
-    main = runpy.run_path(str(ROOT / 'hub' / 'model_table.py'))['main']
     catalogue = _catalogue(tmp_path, ENTRY)
     readme = tmp_path / 'README.md'
     readme.write_text('intro\n<!-- model-table -->\n| stale |\n<!-- /model-table -->\noutro\n')
-    assert main(['--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 0
+    assert main(['model-table', '--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 0
     assert readme.read_text() == ('intro\n<!-- model-table -->\n' + render_table(load_catalogue(catalogue)) +
                                   '<!-- /model-table -->\noutro\n')
     for broken in ('no markers\n', '<!-- /model-table -->\n<!-- model-table -->\n'):
         readme.write_text(broken)
-        assert main(['--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 1
+        assert main(['model-table', '--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 1
         assert readme.read_text() == broken
 
 
 def test_model_table_cli_refuses_a_catalogue_that_disagrees_with_the_registry(tmp_path, capsys):
-    main = runpy.run_path(str(ROOT / 'hub' / 'model_table.py'))['main']
     registered = timm.list_pretrained('gcp_resnet18.*')[0]
     catalogue = _catalogue(tmp_path, ENTRY.replace('tag: t', f"tag: {registered.split('.', 1)[1]}"))
     readme = tmp_path / 'README.md'
     readme.write_text('<!-- model-table -->\n| stale |\n<!-- /model-table -->\n')
-    assert main(['--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 1
+    assert main(['model-table', '--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 1
     assert 'yet registered with timm' in capsys.readouterr().err
     assert '| stale |' in readme.read_text()
 

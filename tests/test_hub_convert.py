@@ -1,6 +1,5 @@
 """Official checkpoint conversion: synthetic checkpoints with the official layouts, checked tensor by tensor and
 against an independently written float64 forward of the official architecture."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,19 +12,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import timm_gcp  # noqa: F401  registers the GCP models
+from timm_gcp.hub.cli import main
 from timm_gcp.hub.convert import convert_checkpoint, load_official_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = REPO.parent / 'shared' / 'reference' / 'official_checkpoint_layouts.json'
 NEWMODEL = 'main.py Newmodel(resnet50 + MPNCOV)'
-
-
-def _load_cli(name: str):
-    """hub/NAME.py as a module (hub/ holds scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f'hub_cli_{name}', REPO / 'hub' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
@@ -206,7 +198,7 @@ def test_bad_checkpoints(tmp_path, mpncov_r50):
 
 
 def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
-    """hub/convert.py end to end on an mpncovresnet-layout ResNet-18 (timm resnet18 names + layer_reduce + fc)."""
+    """timm-gcp convert end to end on an mpncovresnet-layout ResNet-18 (timm resnet18 names + layer_reduce + fc)."""
     backbone = timm.create_model('resnet18', num_classes=0).state_dict()
     gen = torch.Generator().manual_seed(4)
     sd = {k: _random_tensor(k, v.shape, gen) for k, v in backbone.items()}
@@ -217,8 +209,7 @@ def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
                'fc.weight': torch.randn(5, 136, generator=gen) * 0.1, 'fc.bias': torch.zeros(5)})
     torch.save(sd, tmp_path / 'mpncovresnet18.pth')
     (tmp_path / 'labels.txt').write_text('\n'.join('abcde') + '\n')
-    cli = _load_cli('convert')
-    assert cli.main([str(tmp_path / 'mpncovresnet18.pth'), '--model', 'gcp_resnet18', '--output',
+    assert main(['convert', str(tmp_path / 'mpncovresnet18.pth'), '--model', 'gcp_resnet18', '--output',
                      str(tmp_path / 'out'), '--label-names', str(tmp_path / 'labels.txt')]) == 0
     model = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
     assert (model.gcp_dim, model.num_classes, model.pretrained_cfg['label_names']) == (16, 5, list('abcde'))
@@ -227,5 +218,6 @@ def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
     assert ('python hub/convert.py mpncovresnet18.pth --model gcp_resnet18 --source fast-mpn-cov '
             '--label-names labels.txt') in card and str(tmp_path) not in card  # files by name, no output folder
 
-    assert cli.main([str(tmp_path / 'nope.pth'), '--model', 'gcp_resnet18', '--output', str(tmp_path / 'o2')]) == 1
+    assert main(['convert', str(tmp_path / 'nope.pth'), '--model', 'gcp_resnet18', '--output',
+                 str(tmp_path / 'o2')]) == 1
     assert 'does not exist' in capsys.readouterr().err

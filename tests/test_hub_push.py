@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
 from timm_gcp.hub.manifest import file_digest
-from timm_gcp.hub.push import push_model, redact_token, with_retries
+from timm_gcp.hub.cli import redact_token
+from timm_gcp.hub.push import push_model, with_retries
 from timm_gcp.hub.verify import VerificationError, verify_folder, verify_repo
 from hub_server import HubServer, serve_patched
 
@@ -111,6 +112,13 @@ def test_transient_errors_are_retried(hub, exported, caplog):
     assert hub.commit_requests == 3 and hub.history('org/retry')[-1] == result.commit_oid
     assert len(hub.history('org/retry')) == 2
     assert caplog.text.count('transient error') == 2
+
+
+def test_a_client_error_is_not_retried(hub, exported):
+    hub.fail_next_commits, hub.fail_status = 2, 422
+    with pytest.raises(HfHubHTTPError, match='422'):
+        push_model(exported, 'org/refused', retry_delay=0.01)
+    assert hub.commit_requests == 1 and hub.fail_next_commits == 1
 
 
 def test_with_retries_only_retries_transient_errors():
@@ -319,8 +327,10 @@ def test_verify_a_local_export_folder(model, exported, image_folder):
 
 
 def test_cli_verifies_a_folder(exported, tmp_path):
+    """The installed `timm-gcp` console command and the `python hub/verify.py` script, in fresh processes."""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf_home')}
-    ok = subprocess.run([sys.executable, 'hub/verify.py', str(exported)], cwd=REPO, env=env, capture_output=True,
+    console = Path(sys.executable).parent / 'timm-gcp'  # written by `pip install -e .` from [project.scripts]
+    ok = subprocess.run([str(console), 'verify', str(exported)], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert 'local-dir: load reproduces model.safetensors exactly' in ok.stdout
@@ -328,4 +338,20 @@ def test_cli_verifies_a_folder(exported, tmp_path):
     assert f'sha256 {sha}  model.safetensors' in ok.stdout
     wrong = subprocess.run([sys.executable, 'hub/verify.py', str(exported), '--revision', 'main'], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
-    assert wrong.returncode == 1 and '--revision and --catalogue apply to a repo id only' in wrong.stderr
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines() == [f'timm-gcp verify: ValueError: {exported} is a local folder: '
+                                                 '--revision and --catalogue apply to a repo id only']
+
+
+def test_console_command_lists_its_subcommands_and_fails_in_one_line(tmp_path):
+    console = Path(sys.executable).parent / 'timm-gcp'
+    helped = subprocess.run([str(console), '--help'], capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0
+    assert all(f'    {name}' in helped.stdout for name in ('push', 'verify', 'convert', 'model-table'))
+    env = {**os.environ, 'HF_TOKEN': TOKEN}
+    failed = subprocess.run([str(console), 'push', str(tmp_path / 'missing'), '--repo-id', 'org/x'], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and failed.stdout == ''
+    assert failed.stderr.strip().splitlines() == [
+        f'timm-gcp push: ValueError: {tmp_path / "missing"} is not a directory: expected an exported model folder '
+        '(e.g. RUN_DIR/model)']

@@ -52,13 +52,32 @@ def _entry(raw: dict, index: int) -> CatalogueEntry:
     return entry
 
 
+def _planned_entries(spec: dict) -> List[dict]:
+    """Raw planned entries of the catalogue's `planned` block: every architecture on every data set."""
+    try:
+        rows = []
+        for arch in spec['archs']:
+            for d in spec['datasets']:
+                model = f"{arch}.{d['start']} --pretrained" if d.get('start') else arch
+                recipe = f"accelerate launch train.py --recipe {d['recipe']} --model {model} --data-dir {d['data_dir']}"
+                rows.append(dict(arch=arch, tag=d['tag'], meta_layer=spec['meta_layer'], dataset=d['dataset'],
+                                 resolution=d['resolution'], num_classes=d['num_classes'], recipe=recipe,
+                                 status='planned', paper_top1=(d.get('paper_top1') or {}).get(arch)))
+        return rows
+    except (KeyError, TypeError) as e:
+        raise ValueError(f'catalogue `planned` block: expected archs, meta_layer and datasets with tag, dataset, '
+                         f'resolution, num_classes, recipe and data_dir; missing or malformed {e}') from e
+
+
 def load_catalogue(path: Union[str, os.PathLike]) -> List[CatalogueEntry]:
-    """Entries of a catalogue YAML file (a mapping with a `models` list); ValueError on a malformed entry."""
+    """Entries of a catalogue YAML file (a `models` list and an optional `planned` block that generates planned
+    entries); ValueError on a malformed entry."""
     with open(path) as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or not isinstance(doc.get('models'), list):
         raise ValueError(f'{path}: expected a mapping with a `models` list')
-    entries = [_entry(raw, i) for i, raw in enumerate(doc['models'])]
+    raw = doc['models'] + (_planned_entries(doc['planned']) if 'planned' in doc else [])
+    entries = [_entry(r, i) for i, r in enumerate(raw)]
     seen = set()
     for entry in entries:
         if entry.name in seen:

@@ -9,15 +9,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import timm
 import torch
-from torch import nn
+from huggingface_hub import ModelCard
+from safetensors import safe_open
 from timm.models import save_for_hf
+from torch import nn
 
 from ..layers import GCPPool
-from .model_card import CardInfo, build_model_card
+from .model_card import CardInfo, build_model_card, card_metrics
 from .publishable import check_finite_metrics, check_finite_tensors, check_no_local_paths
 
-__all__ = ['export_model', 'export_model_args', 'EXPORT_FILES', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME']
+__all__ = ['export_model', 'export_model_args', 'check_export_dir', 'EXPORT_FILES', 'WEIGHTS_NAME', 'CONFIG_NAME',
+           'CARD_NAME']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -185,3 +189,50 @@ def export_model(
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return output_dir
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f'{CONFIG_NAME} holds the non-finite number {name}: refusing to publish it')
+
+
+def check_export_dir(folder: Union[str, Path]) -> dict:
+    """Validate an export folder without any network call (files, config, finite weights and metrics, no local
+    paths in the texts); returns its config.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f'{folder} is not a directory: expected an exported model folder (e.g. RUN_DIR/model)')
+    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f'{folder} lacks {missing}; an export holds {list(EXPORT_FILES)} (see export_model)')
+    try:
+        config_text = (folder / CONFIG_NAME).read_text()
+        config = json.loads(config_text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{folder / CONFIG_NAME} is not valid JSON: {e}') from e
+    absent = [k for k in ('architecture', 'num_classes', 'pretrained_cfg') if k not in config]
+    if absent:
+        raise ValueError(f'{folder / CONFIG_NAME} lacks {absent}: not a timm config.json')
+    if not timm.is_model(config['architecture']):
+        raise ValueError(f"architecture {config['architecture']!r} is not registered with timm, so "
+                         f"'hf-hub:' loading of this folder would fail (did the export come from timm_gcp?)")
+    labels = config.get('label_names')
+    if labels is not None and len(labels) != config['num_classes']:
+        raise ValueError(f"config.json has {len(labels)} label_names for {config['num_classes']} classes")
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), 'pt') as f:
+            classifier = f"{config['pretrained_cfg'].get('classifier', 'fc')}.weight"
+            if classifier in f.keys() and f.get_slice(classifier).get_shape()[0] != config['num_classes']:
+                raise ValueError(f"{classifier} has {f.get_slice(classifier).get_shape()[0]} rows but config.json "
+                                 f"says num_classes={config['num_classes']}")
+            check_finite_tensors(((k, f.get_tensor(k)) for k in f.keys()), str(folder / WEIGHTS_NAME))
+    except (OSError, RuntimeError) as e:  # safetensors raises these for unreadable / truncated headers
+        raise ValueError(f'{folder / WEIGHTS_NAME} is not a readable safetensors file: {e}') from e
+    card_text = (folder / CARD_NAME).read_text()
+    card = ModelCard(card_text)
+    if card.data.library_name != 'timm':
+        raise ValueError(f'{folder / CARD_NAME} metadata must say library_name: timm '
+                         f'(found {card.data.library_name!r})')
+    check_finite_metrics(card_metrics(card), f'the model-index metrics of {folder / CARD_NAME}')
+    for name, text in ((CONFIG_NAME, config_text), (CARD_NAME, card_text)):
+        check_no_local_paths(name, text)
+    return config

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import torch
+from huggingface_hub.utils import validate_repo_id
 
-__all__ = ['check_finite_tensors', 'check_finite_metrics', 'check_no_local_paths']
+__all__ = ['check_finite_tensors', 'check_finite_metrics', 'check_no_local_paths', 'check_repo_id']
 
 
 def check_finite_tensors(tensors: Iterable[Tuple[str, torch.Tensor]], what: str) -> None:
@@ -56,3 +57,10 @@ def check_no_local_paths(name: str, text: str) -> None:
     if found:
         raise ValueError(f'{name} would publish {found[0]!r}: published files must not hold absolute paths, the home '
                          f'directory or the user name of this machine (name data sets by their folder name or Hub id)')
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ValueError unless `repo_id` is ORG/NAME by the Hub's own rules (huggingface_hub's validate_repo_id)."""
+    if (repo_id or '').count('/') != 1:
+        raise ValueError(f'repo id must look like ORG/NAME, got {repo_id!r}')
+    validate_repo_id(repo_id)

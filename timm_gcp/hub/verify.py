@@ -16,10 +16,10 @@ from timm.data import create_transform, resolve_model_data_config
 
 from ..training.data import create_dataloader, create_eval_dataset
 from ..training.evaluate import evaluate
-from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, WEIGHTS_NAME
+from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, WEIGHTS_NAME, check_export_dir
 from .manifest import MANIFEST_NAME, file_digest, parse_manifest
 from .model_card import card_metrics
-from .push import check_export_dir, check_repo_id
+from .publishable import check_repo_id
 
 __all__ = ['verify_repo', 'verify_folder', 'VerificationError', 'VerifyReport']
 

@@ -1,0 +1,180 @@
+"""The `timm-gcp` command: publish, verify and convert models, and keep the README's model table.
+
+    timm-gcp push RUN_DIR/model --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG]
+    timm-gcp verify ORG/NAME [--revision R] [--catalogue] [--data-dir D] [--tolerance 0.5]
+    timm-gcp verify RUN_DIR/model [--data-dir D] [--tolerance 0.5]
+    timm-gcp convert SRC --model gcp_resnet50 --output DIR [--source fast-mpn-cov|svd-pade]
+    timm-gcp model-table [--write]
+
+`python hub/<command>.py ...` runs the same. A failure ends in one line on stderr (the Hugging Face token masked)
+and exit status 1. Heavy imports happen inside each command, so `--help` stays fast.
+"""
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ['main', 'build_parser', 'redact_token']
+
+CATALOGUE = 'hub/catalogue.yaml'  # relative to the repository root, where the maintainer commands run
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .push import push_model
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    result = push_model(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                        commit_message=args.commit_message, max_retries=args.max_retries,
+                        retry_delay=args.retry_delay)
+    print(f'pushed {result.repo_id}@{result.revision}: commit {result.commit_oid}')
+    print(result.commit_url)
+    for name, sha in sorted(result.sha256.items()):
+        print(f'  sha256 {sha}  {name}')
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from .catalogue import load_catalogue, recorded_sha256
+    from .verify import verify_folder, verify_repo
+    options = dict(data_dir=args.data_dir, tolerance=args.tolerance, batch_size=args.batch_size,
+                   hflip_average=args.hflip_average)
+    if Path(args.target).is_dir():
+        if args.revision or args.catalogue:
+            raise ValueError(f'{args.target} is a local folder: --revision and --catalogue apply to a repo id only')
+        report = verify_folder(args.target, **options)
+    else:
+        expected = recorded_sha256(load_catalogue(args.catalogue), args.target) if args.catalogue else None
+        report = verify_repo(args.target, revision=args.revision, expected_sha256=expected, **options)
+    if report.commit:
+        print(f'{report.source}@{report.commit}: checksums match the push manifest and the Hub object ids')
+    else:
+        print(f'{report.source}: files, config, weights and card are fit to publish')
+    for name, sha in sorted(report.sha256.items()):
+        print(f'  sha256 {sha}  {name}')
+    print(f"{'hf-hub' if report.commit else 'local-dir'}: load reproduces model.safetensors exactly")
+    if report.measured:
+        print(f"re-evaluated on {report.measured['count']} images: top-1 {report.measured['top1']:.2f}% "
+              f"top-5 {report.measured['top5']:.2f}% (card: {report.card})")
+
+
+def _published_convert_command(args: argparse.Namespace) -> str:
+    """The conversion command as the model card shows it: files by name only, no local paths, no output folder."""
+    words = ['python', 'hub/convert.py', Path(args.src).name, '--model', args.model, '--source', args.source]
+    for flag, value in (('--meta-layer', args.meta_layer), ('--layer4-stride', args.layer4_stride),
+                        ('--label-names', args.label_names and Path(args.label_names).name)):
+        if value:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert_checkpoint
+    label_names = None
+    if args.label_names:
+        with open(args.label_names) as f:
+            label_names = [line.strip() for line in f if line.strip()]
+    out, model = convert_checkpoint(args.src, args.model, args.output, source=args.source,
+                                    meta_layer=args.meta_layer, layer4_stride=args.layer4_stride,
+                                    label_names=label_names, command=_published_convert_command(args))
+    print(f'wrote {out} ({args.model}, meta-layer {model.meta_layer_name}, layer4 stride {model.layer4_stride}, '
+          f'{model.num_classes} classes)')
+
+
+def _model_table(args: argparse.Namespace) -> None:
+    from .catalogue import check_registry, load_catalogue, render_table, replace_table
+    entries = load_catalogue(args.catalogue)
+    check_registry(entries)
+    table = render_table(entries)
+    if args.write:
+        readme = Path(args.readme)
+        readme.write_text(replace_table(readme.read_text(), table))
+    else:
+        print(table, end='')
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('push', help='publish an exported model folder to the Hub in one commit',
+                       description='Publish an exported model folder to the Hugging Face Hub in one commit. The '
+                                   'token comes from HF_TOKEN or `hf auth login` and is never printed.')
+    p.add_argument('folder', help='exported model folder (model.safetensors, config.json, README.md)')
+    p.add_argument('--repo-id', required=True, help='target repository, ORG/NAME')
+    p.add_argument('--private', action='store_true', help='create the repository private')
+    p.add_argument('--revision', default=None, help='branch to commit to (created if missing; default main)')
+    p.add_argument('--commit-message', default=None)
+    p.add_argument('--max-retries', type=int, default=5, help='retries on 408/429/5xx/connection errors')
+    p.add_argument('--retry-delay', type=float, default=1.0, help='first backoff delay in seconds (doubles)')
+    p.set_defaults(run=_push)
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('verify', help='verify a published repo or a local export folder',
+                       description='A repo: checksums against the push manifest and the Hub\'s object ids, then '
+                                   '`hf-hub:` loading. A folder (any existing directory): what push checks before '
+                                   'uploading, then `local-dir:` loading. Both compare the loaded weights with '
+                                   'model.safetensors bit for bit and, given --data-dir, the card\'s accuracy.')
+    p.add_argument('target', help='ORG/NAME, or an exported model folder')
+    p.add_argument('--revision', default=None, help='branch, tag or commit of a repo (default main)')
+    p.add_argument('--data-dir', default=None, help='image folder (with val/<class>/...) to re-evaluate on')
+    p.add_argument('--tolerance', type=float, default=0.5, help='allowed top-1/top-5 difference in points')
+    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('--hflip-average', action='store_true', help='average logits with the flipped image')
+    p.add_argument('--catalogue', nargs='?', const=CATALOGUE, default=None,
+                   help=f'also compare a repo with the sha256 the catalogue records (default {CATALOGUE})')
+    p.set_defaults(run=_verify)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('convert', help='convert an official GCP ResNet checkpoint into a model folder',
+                       description='Convert an official GCP ResNet checkpoint (fast-MPN-COV, DifferentiableSVD) into '
+                                   'a folder with model.safetensors, config.json and README.md: load it with '
+                                   "timm.create_model('local-dir:DIR', pretrained=True) after `import timm_gcp`, "
+                                   'or publish it with `timm-gcp push`.')
+    p.add_argument('src', help='official checkpoint (.pth / .pth.tar)')
+    p.add_argument('--model', required=True, help='timm-gcp architecture, e.g. gcp_resnet50')
+    p.add_argument('--output', required=True, help='folder to write')
+    p.add_argument('--source', default='fast-mpn-cov',
+                   help='which release, fast-mpn-cov (default) or svd-pade: fixes the meta-layer and layer4 stride')
+    p.add_argument('--meta-layer', default=None, help="override the source's meta-layer")
+    p.add_argument('--layer4-stride', type=int, choices=(1, 2), default=None,
+                   help="override the source's layer4 stride")
+    p.add_argument('--label-names', default=None, help='text file with one class name per line')
+    p.set_defaults(run=_convert)
+
+
+def _add_model_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('model-table', help="print or rewrite the README's model table from the catalogue",
+                       description='Print the model table generated from the catalogue, or rewrite it between the '
+                                   '<!-- model-table --> and <!-- /model-table --> markers of the README (--write). '
+                                   "The catalogue is checked against timm's registry first.")
+    p.add_argument('--catalogue', default=CATALOGUE)
+    p.add_argument('--readme', default='README.md')
+    p.add_argument('--write', action='store_true', help='replace the table in the README')
+    p.set_defaults(run=_model_table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `timm-gcp` parser with its four subcommands."""
+    parser = argparse.ArgumentParser(prog='timm-gcp', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for add in (_add_push, _add_verify, _add_convert, _add_model_table):
+        add(sub)
+    return parser
+
+
+def redact_token(text: str) -> str:
+    """`text` with the active Hugging Face token masked (for error messages that echo requests)."""
+    from huggingface_hub import get_token
+    token = get_token()
+    return text.replace(token, '***') if token else text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one subcommand; any error becomes one line on stderr with the token masked, and exit status 1."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args.run(args)
+    except Exception as e:
+        print(redact_token(f'timm-gcp {args.command}: {type(e).__name__}: {e}'), file=sys.stderr)
+        return 1
+    return 0
