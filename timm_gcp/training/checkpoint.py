@@ -10,7 +10,6 @@ A checkpoint is written to a hidden temporary folder and renamed into place, so 
 complete; before anything is restored, every file of the checkpoint is checked, and a corrupt one is skipped for the
 next older intact checkpoint. Older checkpoints are pruned only after a new one has been written.
 """
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from huggingface_hub.utils.sha import sha_fileobj
 from safetensors.torch import load_file, load_model, save_model
 
 from .errors import CheckpointError
@@ -95,11 +95,8 @@ def read_train_state(checkpoint_dir: Path, accelerator: Optional[Any] = None) ->
 
 
 def _digest(path: Path) -> Dict[str, Any]:
-    sha = hashlib.sha256()
     with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            sha.update(block)
-    return {'size': path.stat().st_size, 'sha256': sha.hexdigest()}
+        return {'size': path.stat().st_size, 'sha256': sha_fileobj(f).hex()}
 
 
 def _check_file(path: Path) -> None:

@@ -3,7 +3,7 @@ from argparse import Namespace
 from typing import Any
 
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from .model import param_groups
@@ -18,13 +18,11 @@ def create_train_optimizer(model: nn.Module, args: Namespace) -> Any:
 
 
 def create_train_scheduler(optimizer: Any, args: Namespace, updates_per_epoch: int) -> Any:
-    """The timm scheduler of `args.sched`: the caller steps it once per update and once per epoch, never prepared
-    by accelerate (which would step it once per process)."""
-    scheduler, _ = create_scheduler_v2(
-        optimizer, args.sched, num_epochs=args.epochs - args.cooldown_epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    """The timm scheduler of `args.sched` (timm's `scheduler_kwargs` reads the flags, which carry timm's names): the
+    caller steps it once per update and once per epoch, never prepared by accelerate (which would step it once per
+    process). `--epochs` includes the cooldown epochs (timm's scheduler adds them to `num_epochs`)."""
+    kwargs = {**scheduler_kwargs(args), 'num_epochs': args.epochs - args.cooldown_epochs}
+    scheduler, _ = create_scheduler_v2(optimizer, **kwargs, updates_per_epoch=updates_per_epoch)
     if scheduler is None:
         raise ValueError(f'--sched {args.sched!r} gives no timm scheduler; for a fixed lr use --sched step '
                          f'--decay-rate 1')
