@@ -11,8 +11,8 @@ def reference_newton_schulz_sqrt(cov: torch.Tensor, num_iter: int = 5) -> torch.
     eye3 = 3.0 * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(cov.dtype).tiny ** 0.5)[:, None, None]
     y = 0.5 * (cov + cov.mT) / trace
-    z = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    z = None  # Z_0 = I, never multiplied
     for _ in range(num_iter - 1):
-        t = 0.5 * (eye3 - z @ y)
-        y, z = y @ t, t @ z
-    return y @ (0.5 * (eye3 - z @ y)) * trace.sqrt()
+        t = 0.5 * (eye3 - (y if z is None else z @ y))
+        y, z = y @ t, (t if z is None else t @ z)
+    return y @ (0.5 * (eye3 - (y if z is None else z @ y))) * trace.sqrt()
