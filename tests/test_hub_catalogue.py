@@ -73,7 +73,7 @@ def test_published_row_shows_the_loading_call(tmp_path):
 
 @pytest.mark.parametrize('entry', [e for e in CATALOGUE if e.status == 'converted'], ids=lambda e: e.name)
 def test_converted_entries_match_convert(entry):
-    assert timm.is_model(entry.arch) and entry.recipe.startswith('python hub/convert.py ')
+    assert timm.is_model(entry.arch) and entry.recipe.startswith('timm-gcp convert ')
     assert f'--model {entry.arch}' in entry.recipe and '--output ' in entry.recipe
     source = re.search(r'--source (\S+)', entry.recipe)
     assert SOURCES[source[1] if source else 'fast-mpn-cov'].meta_layer == entry.meta_layer

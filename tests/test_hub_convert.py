@@ -215,7 +215,7 @@ def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
     assert (model.gcp_dim, model.num_classes, model.pretrained_cfg['label_names']) == (16, 5, list('abcde'))
     assert torch.equal(model.global_pool.conv.weight, sd['layer_reduce.weight'])
     card = (tmp_path / 'out' / 'README.md').read_text()
-    assert ('python hub/convert.py mpncovresnet18.pth --model gcp_resnet18 --source fast-mpn-cov '
+    assert ('timm-gcp convert mpncovresnet18.pth --model gcp_resnet18 --source fast-mpn-cov '
             '--label-names labels.txt') in card and str(tmp_path) not in card  # files by name, no output folder
 
     assert main(['convert', str(tmp_path / 'nope.pth'), '--model', 'gcp_resnet18', '--output',

@@ -229,7 +229,7 @@ def test_verify_detects_tampering(hub, exported):
         verify_repo('org/tampered')
     del files['timm_gcp_manifest.json']
     repo.commit('main', files, 'no manifest')
-    with pytest.raises(VerificationError, match='not published with hub/push.py'):
+    with pytest.raises(VerificationError, match='not published with timm-gcp push'):
         verify_repo('org/tampered')
 
 

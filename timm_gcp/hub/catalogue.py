@@ -28,7 +28,7 @@ class CatalogueEntry:
     hub_id: Optional[str] = None  # published entries only
     metrics: Optional[Dict[str, float]] = None  # measured top-1/top-5 (%) of the published weights
     paper_top1: Optional[float] = None  # what the papers report for this architecture and data
-    sha256: Optional[Dict[str, str]] = None  # of the published files, as hub/push.py printed them
+    sha256: Optional[Dict[str, str]] = None  # of the published files, as timm-gcp push printed them
     note: str = ''
 
     @property

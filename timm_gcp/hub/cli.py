@@ -1,13 +1,7 @@
 """The `timm-gcp` command: publish, verify and convert models, and keep the README's model table.
 
-    timm-gcp push RUN_DIR/model --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG]
-    timm-gcp verify ORG/NAME [--revision R] [--catalogue] [--data-dir D] [--tolerance 0.5]
-    timm-gcp verify RUN_DIR/model [--data-dir D] [--tolerance 0.5]
-    timm-gcp convert SRC --model gcp_resnet50 --output DIR [--source fast-mpn-cov|svd-pade]
-    timm-gcp model-table [--write]
-
 `python hub/<command>.py ...` runs the same. A failure ends in one line on stderr (the Hugging Face token masked)
-and exit status 1. Heavy imports happen inside each command, so `--help` stays fast.
+and exit status 1. Each command imports what it needs when it runs, so `--help` stays fast.
 """
 import argparse
 import logging
@@ -59,7 +53,7 @@ def _verify(args: argparse.Namespace) -> None:
 
 def _published_convert_command(args: argparse.Namespace) -> str:
     """The conversion command as the model card shows it: files by name only, no local paths, no output folder."""
-    words = ['python', 'hub/convert.py', Path(args.src).name, '--model', args.model, '--source', args.source]
+    words = ['timm-gcp', 'convert', Path(args.src).name, '--model', args.model, '--source', args.source]
     for flag, value in (('--meta-layer', args.meta_layer), ('--layer4-stride', args.layer4_stride),
                         ('--label-names', args.label_names and Path(args.label_names).name)):
         if value:
@@ -94,8 +88,7 @@ def _model_table(args: argparse.Namespace) -> None:
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser('push', help='publish an exported model folder to the Hub in one commit',
-                       description='Publish an exported model folder to the Hugging Face Hub in one commit. The '
-                                   'token comes from HF_TOKEN or `hf auth login` and is never printed.')
+                       description='The token comes from HF_TOKEN or `hf auth login` and is never printed.')
     p.add_argument('folder', help='exported model folder (model.safetensors, config.json, README.md)')
     p.add_argument('--repo-id', required=True, help='target repository, ORG/NAME')
     p.add_argument('--private', action='store_true', help='create the repository private')
@@ -108,10 +101,9 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser('verify', help='verify a published repo or a local export folder',
-                       description='A repo: checksums against the push manifest and the Hub\'s object ids, then '
-                                   '`hf-hub:` loading. A folder (any existing directory): what push checks before '
-                                   'uploading, then `local-dir:` loading. Both compare the loaded weights with '
-                                   'model.safetensors bit for bit and, given --data-dir, the card\'s accuracy.')
+                       description="A repo: checksums against the push manifest and the Hub's object ids. A folder: "
+                                   'what push checks. Then loading reproduces model.safetensors bit for bit and, '
+                                   "given --data-dir, the card's accuracy.")
     p.add_argument('target', help='ORG/NAME, or an exported model folder')
     p.add_argument('--revision', default=None, help='branch, tag or commit of a repo (default main)')
     p.add_argument('--data-dir', default=None, help='image folder (with val/<class>/...) to re-evaluate on')
@@ -125,10 +117,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser('convert', help='convert an official GCP ResNet checkpoint into a model folder',
-                       description='Convert an official GCP ResNet checkpoint (fast-MPN-COV, DifferentiableSVD) into '
-                                   'a folder with model.safetensors, config.json and README.md: load it with '
-                                   "timm.create_model('local-dir:DIR', pretrained=True) after `import timm_gcp`, "
-                                   'or publish it with `timm-gcp push`.')
+                       description="The folder loads with timm.create_model('local-dir:DIR', pretrained=True) after "
+                                   '`import timm_gcp`, or publishes with `timm-gcp push`.')
     p.add_argument('src', help='official checkpoint (.pth / .pth.tar)')
     p.add_argument('--model', required=True, help='timm-gcp architecture, e.g. gcp_resnet50')
     p.add_argument('--output', required=True, help='folder to write')
@@ -143,9 +133,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _add_model_table(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser('model-table', help="print or rewrite the README's model table from the catalogue",
-                       description='Print the model table generated from the catalogue, or rewrite it between the '
-                                   '<!-- model-table --> and <!-- /model-table --> markers of the README (--write). '
-                                   "The catalogue is checked against timm's registry first.")
+                       description="The catalogue is checked against timm's registry first; --write replaces the "
+                                   'README between <!-- model-table --> and <!-- /model-table -->.')
     p.add_argument('--catalogue', default=CATALOGUE)
     p.add_argument('--readme', default='README.md')
     p.add_argument('--write', action='store_true', help='replace the table in the README')

@@ -50,7 +50,7 @@ def _check_object_id(name: str, path: Path, sha: str, entry: RepoFile) -> None:
 
 def _check_checksums(local: Path, tree: Dict[str, RepoFile]) -> Dict[str, str]:
     if not (local / MANIFEST_NAME).is_file():
-        raise VerificationError(f'no {MANIFEST_NAME} in the repo: it was not published with hub/push.py')
+        raise VerificationError(f'no {MANIFEST_NAME} in the repo: it was not published with timm-gcp push')
     _check_object_id(MANIFEST_NAME, local / MANIFEST_NAME, file_digest(local / MANIFEST_NAME)[0], tree[MANIFEST_NAME])
     try:
         manifest = parse_manifest(local / MANIFEST_NAME)
