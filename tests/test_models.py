@@ -338,7 +338,7 @@ def test_dropcov_head_drops_channels_in_training_only():
     plain = timm.create_model('gcp_resnet18', num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, meta_layer='cov')
     plain.load_state_dict(model.state_dict(), strict=False)
     assert model.gcp_model_args()['dropcov'] is True
-    assert isinstance(model.global_pool.channel_dropout, timm_gcp.meta_layers.AdaptiveChannelDropout)
+    assert isinstance(model.global_pool.channel_dropout, timm_gcp.layers.AdaptiveChannelDropout)
     feats = torch.rand(4, 512, 3, 3)
     model.eval(), plain.eval()
     with torch.no_grad():
