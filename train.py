@@ -21,17 +21,18 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import torch
 from timm.models import get_pretrained_cfg
+from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3, trim_summary, update_summary
 
 import timm_gcp  # noqa: F401  (registers the GCP models with timm)
 from timm_gcp.training import (
     DEFAULT_RECIPE, EXIT_DATA, EXIT_OUTPUT_IN_USE, EXIT_USAGE, Checkpointer, CheckpointError, OutputInUse, RunLock,
-    StopSignal, TrainComponents, TrainState, TrainingDiverged, base_lr, check_compatible,
-    check_input_size, check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters,
-    create_dataloader, create_datasets, create_loss, create_train_model, create_train_optimizer,
-    create_train_scheduler, create_transforms, dataset_name, evaluate, exit_code_of, finite_or_none, load_ema,
-    metrics_for_card, nonfinite_tensors, parse_args, parse_meta_layer_switch, public_command, public_flags, resolve_run_dir,
-    scalar_flags, select_checkpoint, set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
+    StopSignal, TrainComponents, TrainState, TrainingDiverged, base_lr, check_compatible, check_input_size,
+    check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters, create_dataloader,
+    create_datasets, create_loss, create_train_model, create_train_scheduler, create_transforms, dataset_name,
+    evaluate, exit_code_of, finite_or_none, load_ema, metrics_for_card, nonfinite_tensors, param_groups, parse_args,
+    parse_meta_layer_switch, public_command, public_flags, resolve_run_dir, scalar_flags, select_checkpoint,
+    set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -85,7 +86,9 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Acce
         train_loader = create_dataloader(data.train, args.batch_size, True, args.workers, args.seed)
         val_loader = create_dataloader(data.val, args.validation_batch_size or args.batch_size, False, args.workers,
                                        args.seed)
-        loss_fn, mixup = create_loss(args, num_classes)
+        loss_fn, mixup = create_loss(num_classes, args.smoothing, args.batch_size, mixup_alpha=args.mixup,
+                                     cutmix_alpha=args.cutmix, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
+                                     mode=args.mixup_mode)
     compat = json.loads(json.dumps({  # what the saved position means, as a checkpoint holds it
         'model': args.model, 'num_classes': num_classes, 'class_names': data.class_names,
         'model_kwargs': args.model_kwargs, 'train_images': len(data.train), 'batch_size': args.batch_size,
@@ -107,7 +110,8 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Acce
 
     # ---- optimizer and schedule (the timm scheduler is stepped here, once per update: never prepared) --------------
     with user_errors(EXIT_USAGE):
-        optimizer = create_train_optimizer(model, args)
+        optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, args.head_lr_mult), opt=args.opt,
+                                        lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
         if len(train_loader) == 0:
             raise ValueError(f'{len(data.train)} training images give no full batch of {args.batch_size} per process')
@@ -129,7 +133,10 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Acce
                           f'update {state.updates}')
     checkpointer = Checkpointer(accelerator, run_dir, args.checkpoint_hist, ema, last=checkpoint)
     accelerator.init_trackers('logs', config=scalar_flags(args))
-    metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
+    run_info = {'model': args.model, 'recipe': args.recipe, 'command': command,
+                'dataset': args.dataset or str(args.data_dir), 'num_classes': len(data.class_names),
+                'train_images': len(data.train), 'val_images': len(data.val)}
+    metrics = write_run_metrics(accelerator, run_dir, run_info, state.history)
     summary_csv = run_dir / 'summary.csv'
     if accelerator.is_main_process:
         trim_summary(str(summary_csv), state.epoch)  # rows past the resumed checkpoint (timm's resume rule)
@@ -181,7 +188,7 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Acce
                 state.epoch, state.batches_done = epoch + 1, 0
                 state.reset_counters()
                 checkpointer.save(state)
-                metrics = write_run_metrics(accelerator, run_dir, args, command, data, state.history)
+                metrics = write_run_metrics(accelerator, run_dir, run_info, state.history)
                 if accelerator.is_main_process:
                     update_summary(epoch, {'loss': row['train_loss']},
                                    {'loss': row['val_loss'], 'top1': row['top1'], 'top5': row['top5']},

@@ -11,11 +11,12 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.optim import create_optimizer_v2
 from torchvision import transforms as T
 
 import timm_gcp  # noqa: F401
 from timm_gcp.training import (
-    DEFAULT_RECIPE, build_parser, command_line, create_train_optimizer, create_train_scheduler, create_transforms,
+    DEFAULT_RECIPE, build_parser, command_line, create_train_scheduler, create_transforms,
     list_recipes, load_recipe, param_groups, parse_args, parse_meta_layer_switch, public_command, public_flags)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,8 @@ def test_param_groups_scale_classifier_lr_and_skip_decay_on_norms():
     assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
     # the fine-grained recipe's optimizer and scheduler apply lr_scale: classifier at 5x the base lr
     args = parse_args(['--recipe', 'finegrained_448'])
-    opt = create_train_optimizer(model, args)
+    opt = create_optimizer_v2(param_groups(model, args.weight_decay, args.head_lr_mult), opt=args.opt, lr=args.lr,
+                              weight_decay=args.weight_decay, momentum=args.momentum)
     create_train_scheduler(opt, args, updates_per_epoch=1)
     lrs = {g['lr_scale']: g['lr'] for g in opt.param_groups}
     assert lrs == pytest.approx({1.0: 1.2e-3, 5.0: 6e-3})

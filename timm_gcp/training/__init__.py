@@ -14,7 +14,6 @@ from .errors import (
 from .evaluate import evaluate, predict, topk_correct
 from .loop import TrainComponents, base_lr, create_loss, train_one_epoch
 from .metrics import finite_or_none, metrics_for_card, write_run_metrics
-from .model import (
-    check_input_size, check_meta_layer_switch, create_train_model, nonfinite_tensors, param_groups, set_meta_layer)
-from .optim import create_train_optimizer, create_train_scheduler
+from .model import check_input_size, check_meta_layer_switch, create_train_model, nonfinite_tensors, set_meta_layer
+from .optim import create_train_scheduler, param_groups
 from .run_lock import RunLock

@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group('recipe and config')
     g.add_argument('--recipe', default=None,
-                   help=f'named recipe ({", ".join(list_recipes())}) or a YAML path; "none" for bare defaults. Default: the demo '
-                        f'{DEFAULT_RECIPE} when no --data-dir, --dataset or -c is given, else none')
+                   help=f'named recipe ({", ".join(list_recipes())}) or a YAML path; "none" for bare defaults. '
+                        f'Default: the demo {DEFAULT_RECIPE} when no --data-dir, --dataset or -c is given, else none')
     g.add_argument('-c', '--config', default='', help='YAML file of flags, applied over the recipe')
 
     g = p.add_argument_group('data')

@@ -1,5 +1,4 @@
 """One training epoch under accelerate."""
-from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Tuple
 
@@ -30,16 +29,15 @@ class TrainComponents:
     max_nonfinite_updates: int = 3
 
 
-def create_loss(args: Namespace, num_classes: int) -> Tuple[Callable, Optional[Mixup]]:
-    """The training loss and, with --mixup/--cutmix, timm's Mixup (soft targets, smoothing applied there)."""
-    if args.mixup <= 0 and args.cutmix <= 0:
-        return (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()), None
-    if args.batch_size % 2:
-        raise ValueError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
-    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                  switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                  num_classes=num_classes)
-    return SoftTargetCrossEntropy(), mixup
+def create_loss(num_classes: int, smoothing: float, batch_size: int, **mixup_args: Any
+                ) -> Tuple[Callable, Optional[Mixup]]:
+    """The training loss and, when `mixup_args` (timm's `Mixup` keywords) enable mixup or cutmix, timm's Mixup (soft
+    targets, smoothing applied there)."""
+    if mixup_args.get('mixup_alpha', 0.) <= 0 and mixup_args.get('cutmix_alpha', 0.) <= 0:
+        return (LabelSmoothingCrossEntropy(smoothing) if smoothing else nn.CrossEntropyLoss()), None
+    if batch_size % 2:
+        raise ValueError(f'mixup/cutmix need an even --batch-size, got {batch_size}')
+    return SoftTargetCrossEntropy(), Mixup(**mixup_args, label_smoothing=smoothing, num_classes=num_classes)
 
 
 def _is_divergence(err: Exception) -> bool:

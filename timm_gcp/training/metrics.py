@@ -2,7 +2,6 @@
 import json
 import math
 import os
-from argparse import Namespace
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -37,13 +36,11 @@ def write_json(data: Dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_run_metrics(accelerator: Any, run_dir: Path, args: Namespace, command: str, data: Any,
+def write_run_metrics(accelerator: Any, run_dir: Path, run_info: Dict[str, Any],
                       history: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The run's metrics; the main process writes them to `run_dir/metrics.json`."""
-    metrics = {'model': args.model, 'recipe': args.recipe, 'command': command,
-               'dataset': args.dataset or str(args.data_dir), 'num_classes': len(data.class_names),
-               'train_images': len(data.train), 'val_images': len(data.val),
-               **summarize(history), 'history': history}
+    """`run_info` (model, command, data, ...) with the final and best epochs and the `history`; the main process
+    writes it to `run_dir/metrics.json`."""
+    metrics = {**run_info, **summarize(history), 'history': history}
     if accelerator.is_main_process:
         write_json(metrics, Path(run_dir) / 'metrics.json')
     return metrics

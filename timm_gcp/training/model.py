@@ -1,15 +1,13 @@
-"""Model, meta-layer switch and optimizer parameter groups for training any timm model."""
-from typing import Any, Dict, List, Optional, Tuple
+"""Model creation, input-size check, non-finite check and meta-layer switch for training any timm model."""
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from ..meta_layers import list_meta_layers
 
-__all__ = ['create_train_model', 'check_input_size', 'nonfinite_tensors', 'check_meta_layer_switch', 'set_meta_layer',
-           'param_groups']
+__all__ = ['create_train_model', 'check_input_size', 'nonfinite_tensors', 'check_meta_layer_switch', 'set_meta_layer']
 
 
 def _check_model_name(name: str) -> None:
@@ -68,18 +66,3 @@ def set_meta_layer(models: List[Optional[nn.Module]], name: str) -> None:
     for model in models:
         if model is not None:
             model.set_meta_layer(name)
-
-
-def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
-    """timm's weight-decay groups (`param_groups_weight_decay`: none on biases, norms and `no_weight_decay()`), each
-    split into backbone and classifier, the classifier's with `lr_scale` `head_lr_mult` (which timm schedulers apply).
-    timm has no per-module lr multiplier (its `layer_decay` scales by depth), hence the split here."""
-    no_decay = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    head_ids = {id(p) for p in model.get_classifier().parameters()}
-    groups = []
-    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay):
-        for is_head, lr_scale in ((False, 1.0), (True, head_lr_mult)):
-            params = [p for p in group['params'] if (id(p) in head_ids) == is_head]
-            if params:
-                groups.append({**group, 'params': params, 'lr_scale': lr_scale})
-    return groups

@@ -1,20 +1,27 @@
-"""Optimizer and learning-rate schedule from train.py's flags (timm's factories)."""
+"""Optimizer parameter groups (for timm's `create_optimizer_v2`) and the learning-rate schedule (timm's factory)."""
 from argparse import Namespace
-from typing import Any
+from typing import Any, Dict, List
 
-from timm.optim import create_optimizer_v2
+from timm.optim import param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
-from .model import param_groups
-
-__all__ = ['create_train_optimizer', 'create_train_scheduler']
+__all__ = ['param_groups', 'create_train_scheduler']
 
 
-def create_train_optimizer(model: nn.Module, args: Namespace) -> Any:
-    """timm optimizer over `param_groups` (no decay on biases and norms, classifier lr x `head_lr_mult`)."""
-    return create_optimizer_v2(param_groups(model, args.weight_decay, args.head_lr_mult), opt=args.opt, lr=args.lr,
-                               weight_decay=args.weight_decay, momentum=args.momentum)
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
+    """timm's weight-decay groups (`param_groups_weight_decay`: none on biases, norms and `no_weight_decay()`), each
+    split into backbone and classifier, the classifier's with `lr_scale` `head_lr_mult` (which timm schedulers apply).
+    timm has no per-module lr multiplier (its `layer_decay` scales by depth), hence the split here."""
+    no_decay = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay):
+        for is_head, lr_scale in ((False, 1.0), (True, head_lr_mult)):
+            params = [p for p in group['params'] if (id(p) in head_ids) == is_head]
+            if params:
+                groups.append({**group, 'params': params, 'lr_scale': lr_scale})
+    return groups
 
 
 def create_train_scheduler(optimizer: Any, args: Namespace, updates_per_epoch: int) -> Any:
