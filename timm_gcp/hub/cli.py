@@ -1,7 +1,7 @@
 """The `timm-gcp` command: publish, verify and convert models, and keep the README's model table.
 
 `python hub/<command>.py ...` runs the same. A failure ends in one line on stderr (the Hugging Face token masked)
-and exit status 1. Each command imports what it needs when it runs, so `--help` stays fast.
+and exit status 1.
 """
 import argparse
 import logging
@@ -10,13 +10,19 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from huggingface_hub import get_token
+
+from .catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
+from .convert import SOURCES, convert_checkpoint
+from .push import push_model
+from .verify import verify_folder, verify_repo
+
 __all__ = ['main', 'build_parser', 'redact_token']
 
 CATALOGUE = 'hub/catalogue.yaml'  # relative to the repository root, where the maintainer commands run
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .push import push_model
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     result = push_model(args.folder, args.repo_id, private=args.private, revision=args.revision,
                         commit_message=args.commit_message, max_retries=args.max_retries,
@@ -28,8 +34,6 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from .catalogue import load_catalogue, recorded_sha256
-    from .verify import verify_folder, verify_repo
     options = dict(data_dir=args.data_dir, tolerance=args.tolerance, batch_size=args.batch_size,
                    hflip_average=args.hflip_average)
     if Path(args.target).is_dir():
@@ -62,7 +66,6 @@ def _published_convert_command(args: argparse.Namespace) -> str:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .convert import convert_checkpoint
     label_names = None
     if args.label_names:
         with open(args.label_names) as f:
@@ -75,7 +78,6 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _model_table(args: argparse.Namespace) -> None:
-    from .catalogue import check_registry, load_catalogue, render_table, replace_table
     entries = load_catalogue(args.catalogue)
     check_registry(entries)
     table = render_table(entries)
@@ -122,8 +124,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument('src', help='official checkpoint (.pth / .pth.tar)')
     p.add_argument('--model', required=True, help='timm-gcp architecture, e.g. gcp_resnet50')
     p.add_argument('--output', required=True, help='folder to write')
-    p.add_argument('--source', default='fast-mpn-cov',
-                   help='which release, fast-mpn-cov (default) or svd-pade: fixes the meta-layer and layer4 stride')
+    p.add_argument('--source', choices=sorted(SOURCES), default='fast-mpn-cov',
+                   help='which release: fixes the meta-layer and the layer4 stride (default fast-mpn-cov)')
     p.add_argument('--meta-layer', default=None, help="override the source's meta-layer")
     p.add_argument('--layer4-stride', type=int, choices=(1, 2), default=None,
                    help="override the source's layer4 stride")
@@ -153,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def redact_token(text: str) -> str:
     """`text` with the active Hugging Face token masked (for error messages that echo requests)."""
-    from huggingface_hub import get_token
     token = get_token()
     return text.replace(token, '***') if token else text
 

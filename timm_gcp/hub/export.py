@@ -27,22 +27,14 @@ WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
 EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
-_RUNTIME_ARGS = ('num_classes', 'in_chans', 'global_pool', 'img_size')  # timm re-reads these from the model itself
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 _SOURCE_KEYS = ('tag', 'notes', 'origin_url', 'paper_ids', 'paper_name')  # they describe the weights a run starts from
 
 
 def export_model_args(model: nn.Module) -> Dict[str, Any]:
-    """Explicit constructor kwargs that rebuild `model` (timm <= 1.0.29 records none by itself)."""
-    if hasattr(model, 'gcp_model_args'):
-        args = dict(model.gcp_model_args())
-    else:
-        args = {
-            k: v for k, v in getattr(model, '_model_args', {}).items()
-            if k not in _RUNTIME_ARGS and not k.endswith('drop_rate')
-        }
-    args['num_classes'] = model.num_classes
-    return args
+    """Explicit constructor kwargs that rebuild `model`: a GCP model's own, and `num_classes` (timm 1.0.29 records
+    none by itself; 1.0.31 adds what create_model recorded, explicit values winning)."""
+    return {**(model.gcp_model_args() if hasattr(model, 'gcp_model_args') else {}), 'num_classes': model.num_classes}
 
 
 def _meta_layer_name(model: nn.Module) -> Optional[str]:
