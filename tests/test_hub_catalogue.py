@@ -1,11 +1,13 @@
 """hub/catalogue.yaml against timm's registry (published = a registered tag, converted/planned = not registered),
 against convert's sources and train.py's recipes, and the README table generated from it."""
+import dataclasses
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import timm
+from timm.models import _registry
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub.catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
@@ -53,6 +55,19 @@ def test_check_registry_refuses_a_registered_planned_tag_and_an_unregistered_pub
     with pytest.raises(ValueError, match=f'published as o/x but timm registers {re.escape(hub_id)}'):
         check_registry(wrong_repo)
     check_registry(load_catalogue(_catalogue(tmp_path, PUBLISHED.replace('TAG', tag).replace('HUB_ID', hub_id))))
+
+
+def test_check_registry_refuses_gcp_trained_weights_the_catalogue_does_not_publish(tmp_path, monkeypatch):
+    """A tag registered with weights outside `timm/` (trained with a GCP head) must be a published catalogue entry."""
+    name, hub_id = 'gcp_resnet18.gcp_in1k', 'timm-gcp/gcp_resnet18.gcp_in1k'
+    cfg = dataclasses.replace(timm.models.get_pretrained_cfg('gcp_resnet18'), hf_hub_id=hub_id)
+    monkeypatch.setitem(_registry._model_pretrained_cfgs, name, cfg)  # registered for this test only
+    monkeypatch.setitem(_registry._model_with_tags, 'gcp_resnet18', _registry._model_with_tags['gcp_resnet18'] + [name])
+    monkeypatch.setattr(_registry, '_model_has_pretrained', _registry._model_has_pretrained | {name})
+    assert name in timm.list_pretrained('gcp_resnet18.*')
+    with pytest.raises(ValueError, match=r"\['gcp_resnet18.gcp_in1k'\] are registered with GCP-trained weights"):
+        check_registry(CATALOGUE)
+    check_registry(load_catalogue(_catalogue(tmp_path, PUBLISHED.replace('TAG', 'gcp_in1k').replace('HUB_ID', hub_id))))
 
 
 @pytest.mark.parametrize('status', ['converted', 'planned'])

@@ -87,8 +87,9 @@ def load_catalogue(path: Union[str, os.PathLike]) -> List[CatalogueEntry]:
 
 
 def check_registry(entries: List[CatalogueEntry]) -> None:
-    """ValueError unless every published entry is a tag timm_gcp registers, with the entry's Hub id, and no converted
-    or planned entry is registered (timm would announce weights that cannot load)."""
+    """ValueError unless the catalogue's published entries are exactly the GCP tags timm knows with GCP-trained
+    weights (any Hub repo outside `timm/`), each with the entry's Hub id, and no converted or planned entry is
+    registered (timm would announce weights that cannot load)."""
     registered = set(timm.list_pretrained())
     for e in entries:
         if e.status == 'published':
@@ -99,6 +100,12 @@ def check_registry(entries: List[CatalogueEntry]) -> None:
         elif e.name in registered:
             raise ValueError(f'{e.name} is {e.status}, not on the Hub, yet registered with timm: '
                              f'`pretrained=True` would fail; register it only once its weights are published')
+    published = {e.name for e in entries if e.status == 'published'}
+    unlisted = [name for name in timm.list_pretrained(['gcp_*', 'gsop_*']) if name not in published
+                and not (timm.models.get_pretrained_cfg(name).hf_hub_id or '').startswith('timm/')]
+    if unlisted:
+        raise ValueError(f'{unlisted[:5]} are registered with GCP-trained weights but not published in the '
+                         f'catalogue: add a published entry (hub_id, metrics, sha256) for each')
 
 
 def recorded_sha256(entries: List[CatalogueEntry], hub_id: str) -> Dict[str, str]:
