@@ -15,9 +15,8 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from timm.models import get_pretrained_cfg
@@ -26,13 +25,13 @@ from timm.utils import ModelEmaV3, trim_summary, update_summary
 
 import timm_gcp  # noqa: F401  (registers the GCP models with timm)
 from timm_gcp.training import (
-    DEFAULT_RECIPE, EXIT_DATA, EXIT_OUTPUT_IN_USE, EXIT_USAGE, Checkpointer, CheckpointError, OutputInUse, RunLock,
-    StopSignal, TrainComponents, TrainState, TrainingDiverged, base_lr, check_compatible, check_input_size,
-    check_meta_layer_switch, check_run_dir_free, command_line, consolidate_counters, create_dataloader,
-    create_datasets, create_loss, create_train_model, create_train_scheduler, create_transforms, dataset_name,
-    evaluate, exit_code_of, finite_or_none, load_ema, metrics_for_card, nonfinite_tensors, param_groups, parse_args,
-    parse_meta_layer_switch, public_command, public_flags, resolve_run_dir, scalar_flags, select_checkpoint,
-    set_meta_layer, train_one_epoch, user_errors, write_run_metrics)
+    DEFAULT_RECIPE, EXIT_DATA, EXIT_USAGE, Checkpointer, CheckpointError, StopSignal, TrainComponents, TrainState,
+    TrainingDiverged, base_lr, check_compatible, check_input_size, check_meta_layer_switch, command_line,
+    consolidate_counters, create_dataloader, create_datasets, create_loss, create_train_model,
+    create_train_scheduler, create_transforms, dataset_name, evaluate, exit_code_of, finite_or_none, load_ema,
+    metrics_for_card, nonfinite_tensors, own_run_dir, param_groups, parse_args, parse_meta_layer_switch,
+    public_command, public_flags, resolve_run_dir, scalar_flags, select_checkpoint, set_meta_layer, train_one_epoch,
+    user_errors, write_run_metrics)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -54,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         accelerator.print(note, flush=True)
     if skipped:
         accelerator.print(f'resuming from the older intact checkpoint {checkpoint}', flush=True)
-    with _own_run_dir(accelerator, run_dir, resuming=checkpoint is not None):
+    with own_run_dir(accelerator, run_dir, resuming=checkpoint is not None):
         return _train(args, argv, switch, accelerator, run_dir, checkpoint, state)
 
 
@@ -219,32 +218,6 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Acce
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {'run_dir': run_dir, 'metrics': metrics, 'model': final_model, 'data_config': data_config}
-
-
-@contextmanager
-def _own_run_dir(accelerator: 'Accelerator', run_dir: Path, resuming: bool) -> Iterator[None]:
-    """Hold the run folder's lock (taken by the main process) for the body; fail at once if another run holds it."""
-    from accelerate.utils import broadcast_object_list
-    lock = RunLock(run_dir)
-    refusal = None
-    if accelerator.is_main_process:
-        try:
-            with user_errors(EXIT_OUTPUT_IN_USE, (FileExistsError,)):
-                lock.acquire()
-                check_run_dir_free(run_dir, resuming)
-        except (OutputInUse, FileExistsError) as err:
-            lock.release()
-            refusal = err
-    if accelerator.num_processes > 1:
-        message = broadcast_object_list([None if refusal is None else str(refusal)])[0]
-        if refusal is None and message is not None:
-            refusal = OutputInUse(message)
-    if refusal is not None:
-        raise refusal
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _check_finite(model: torch.nn.Module, where: str) -> None:

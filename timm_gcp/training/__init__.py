@@ -4,7 +4,7 @@ from .checkpoint import (
     Checkpointer, StopSignal, TrainState, check_compatible, consolidate_counters, find_checkpoint, load_ema,
     read_train_state, select_checkpoint, validate_checkpoint)
 from .config import (
-    DEFAULT_RECIPE, RECIPES, build_parser, check_run_dir_free, command_line, dataset_name, list_recipes,
+    DEFAULT_RECIPE, RECIPES, build_parser, command_line, dataset_name, list_recipes,
     load_recipe, parse_args, parse_meta_layer_switch, public_command, public_flags, resolve_run_dir, scalar_flags)
 from .data import (
     MAX_IMAGE_PIXELS, create_dataloader, create_datasets, create_eval_dataset, create_transforms, to_rgb)
@@ -16,4 +16,4 @@ from .loop import TrainComponents, base_lr, create_loss, train_one_epoch
 from .metrics import finite_or_none, metrics_for_card, write_run_metrics
 from .model import check_input_size, check_meta_layer_switch, create_train_model, nonfinite_tensors, set_meta_layer
 from .optim import create_train_scheduler, param_groups
-from .run_lock import RunLock
+from .run_lock import RunLock, own_run_dir

@@ -19,7 +19,7 @@ from timm.utils import ParseKwargs
 from .data import MAX_IMAGE_PIXELS
 
 __all__ = ['RECIPES', 'DEFAULT_RECIPE', 'build_parser', 'parse_args', 'list_recipes', 'load_recipe',
-           'parse_meta_layer_switch', 'command_line', 'public_command', 'resolve_run_dir', 'check_run_dir_free',
+           'parse_meta_layer_switch', 'command_line', 'public_command', 'resolve_run_dir',
            'public_flags', 'scalar_flags', 'dataset_name']
 
 RECIPES = resources.files('timm_gcp') / 'recipes'  # package data: present in any install
@@ -256,14 +256,6 @@ def resolve_run_dir(args: argparse.Namespace, checkpoint: Optional[Path]) -> Pat
         run_dir = next(p for p in (base.with_name(f'{base.name}-{n}') if n > 1 else base for n in itertools.count(1))
                        if not p.exists())
     return run_dir
-
-
-def check_run_dir_free(run_dir: Path, resuming: bool) -> None:
-    """Raise FileExistsError if a new run would start in a folder that holds another run's checkpoints (checked
-    under the run lock)."""
-    if not resuming and any((run_dir / 'checkpoints').glob('checkpoint-*')):
-        raise FileExistsError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose '
-                              f'another --output')
 
 
 def public_flags(args: argparse.Namespace) -> Dict[str, Any]:

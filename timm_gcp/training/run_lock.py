@@ -9,12 +9,13 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional
 
-from .errors import OutputInUse
+from .errors import EXIT_OUTPUT_IN_USE, OutputInUse, user_errors
 
-__all__ = ['RunLock', 'LOCK_NAME']
+__all__ = ['RunLock', 'LOCK_NAME', 'own_run_dir']
 
 LOCK_NAME = '.run.lock'
 
@@ -73,3 +74,32 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def own_run_dir(accelerator: Any, run_dir: Path, resuming: bool) -> Iterator[None]:
+    """Hold the run folder's lock (taken by the main process) for the body; fail at once on every process if another
+    run holds it, or if a new run would start in a folder that holds another run's checkpoints."""
+    from accelerate.utils import broadcast_object_list
+    lock = RunLock(run_dir)
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            with user_errors(EXIT_OUTPUT_IN_USE, (FileExistsError,)):
+                lock.acquire()
+                if not resuming and any((Path(run_dir) / 'checkpoints').glob('checkpoint-*')):
+                    raise FileExistsError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or '
+                                          f'choose another --output')
+        except (OutputInUse, FileExistsError) as err:
+            lock.release()
+            refusal = err
+    if accelerator.num_processes > 1:
+        message = broadcast_object_list([None if refusal is None else str(refusal)])[0]
+        if refusal is None and message is not None:
+            refusal = OutputInUse(message)
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        lock.release()
