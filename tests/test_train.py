@@ -286,7 +286,8 @@ def test_backbone_weights_from_plain_resnet_checkpoint(run_train, flowers, tmp_p
 
 
 @pytest.mark.slow
-def test_default_run_uses_the_bundled_pets_sample(run_train, tmp_path):
+def test_default_run_uses_the_bundled_pets_sample(run_train, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)                          # `python train.py` from the checkout: the demo's data_dir is there
     bundled = ROOT / 'data' / 'pets-mini'
     assert (bundled / 'ATTRIBUTION.md').read_text().count('CC BY-SA 4.0') >= 1
     assert sum(f.stat().st_size for f in bundled.rglob('*')) < 5_000_000            # a few MB
