@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Tuple
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
@@ -53,7 +52,6 @@ def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-c', code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_each_python_block_runs_alone(tmp_path):
     """Each block in its own interpreter and folder: a block that needs an earlier block's names fails."""
     runnable = [(page, line, code) for page, line, code, reason in BLOCKS if not reason]
