@@ -88,9 +88,16 @@ def _model_table(args: argparse.Namespace) -> None:
         print(table, end='')
 
 
-def _add_push(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser('push', help='publish an exported model folder to the Hub in one commit',
-                       description='The token comes from HF_TOKEN or `hf auth login` and is never printed.')
+def build_parser() -> argparse.ArgumentParser:
+    """The `timm-gcp` parser with its four subcommands."""
+    parser = argparse.ArgumentParser(prog='timm-gcp', description=__doc__)
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text)
+
+    p = add('push', 'publish an exported model folder to the Hub in one commit (token: HF_TOKEN or '
+                    '`hf auth login`, never printed)')
     p.add_argument('folder', help='exported model folder (model.safetensors, config.json, README.md)')
     p.add_argument('--repo-id', required=True, help='target repository, ORG/NAME')
     p.add_argument('--private', action='store_true', help='create the repository private')
@@ -100,12 +107,8 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--retry-delay', type=float, default=1.0, help='first backoff delay in seconds (doubles)')
     p.set_defaults(run=_push)
 
-
-def _add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser('verify', help='verify a published repo or a local export folder',
-                       description="A repo: checksums against the push manifest and the Hub's object ids. A folder: "
-                                   'what push checks. Then loading reproduces model.safetensors bit for bit and, '
-                                   "given --data-dir, the card's accuracy.")
+    p = add('verify', "check a published repo (checksums, Hub object ids) or a local export folder (push's "
+                      "checks), bit-identical loading and, with --data-dir, the card's accuracy")
     p.add_argument('target', help='ORG/NAME, or an exported model folder')
     p.add_argument('--revision', default=None, help='branch, tag or commit of a repo (default main)')
     p.add_argument('--data-dir', default=None, help='image folder (with val/<class>/...) to re-evaluate on')
@@ -116,40 +119,24 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
                    help=f'also compare a repo with the sha256 the catalogue records (default {CATALOGUE})')
     p.set_defaults(run=_verify)
 
-
-def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser('convert', help='convert an official GCP ResNet checkpoint into a model folder',
-                       description="The folder loads with timm.create_model('local-dir:DIR', pretrained=True) after "
-                                   '`import timm_gcp`, or publishes with `timm-gcp push`.')
+    p = add('convert', "convert an official GCP ResNet checkpoint into a folder that loads with "
+                       "timm.create_model('local-dir:DIR', pretrained=True)")
     p.add_argument('src', help='official checkpoint (.pth / .pth.tar)')
     p.add_argument('--model', required=True, help='timm-gcp architecture, e.g. gcp_resnet50')
     p.add_argument('--output', required=True, help='folder to write')
     p.add_argument('--source', choices=sorted(SOURCES), default='fast-mpn-cov',
                    help='which release: fixes the meta-layer and the layer4 stride (default fast-mpn-cov)')
     p.add_argument('--meta-layer', default=None, help="override the source's meta-layer")
-    p.add_argument('--layer4-stride', type=int, choices=(1, 2), default=None,
-                   help="override the source's layer4 stride")
+    p.add_argument('--layer4-stride', type=int, choices=(1, 2), default=None, help="override the source's stride")
     p.add_argument('--label-names', default=None, help='text file with one class name per line')
     p.set_defaults(run=_convert)
 
-
-def _add_model_table(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser('model-table', help="print or rewrite the README's model table from the catalogue",
-                       description="The catalogue is checked against timm's registry first; --write replaces the "
-                                   'README between <!-- model-table --> and <!-- /model-table -->.')
+    p = add('model-table', "print the README's model table from the catalogue (checked against timm's "
+                           "registry), or rewrite it between its markers (--write)")
     p.add_argument('--catalogue', default=CATALOGUE)
     p.add_argument('--readme', default='README.md')
     p.add_argument('--write', action='store_true', help='replace the table in the README')
     p.set_defaults(run=_model_table)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `timm-gcp` parser with its four subcommands."""
-    parser = argparse.ArgumentParser(prog='timm-gcp', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    for add in (_add_push, _add_verify, _add_convert, _add_model_table):
-        add(sub)
     return parser
 
 
