@@ -144,7 +144,7 @@ def export_model(
     The folder appears complete or not at all; non-finite weights or metrics, and a local path or the user name in
     a published text, are refused (ValueError) and leave an earlier export intact. `data_config` overrides the
     preprocessing recorded in config.json (e.g. the 448 px fine-tuning size); `repo_id` fills the card's loading
-    snippet (push.py fills it otherwise); `base_model` is the Hub id of the weights the run started from.
+    snippet (push_model fills it otherwise); `base_model` is the Hub id of the weights the run started from.
     """
     output_dir = Path(output_dir)
     _check_label_names(model, label_names)

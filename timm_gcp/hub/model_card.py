@@ -11,7 +11,7 @@ from .citations import citations_for
 
 __all__ = ['CardInfo', 'build_model_card', 'card_metrics', 'REPO_ID_PLACEHOLDER', 'TOP1_NAME', 'TOP5_NAME']
 
-REPO_ID_PLACEHOLDER = '<repo-id>'  # push.py replaces it with the real repo id in the uploaded card
+REPO_ID_PLACEHOLDER = '<repo-id>'  # push_model replaces it with the real repo id in the uploaded card
 TOP1_NAME = 'top-1 accuracy'
 TOP5_NAME = 'top-5 accuracy'
 TAGS = ['image-classification', 'timm', 'timm-gcp']
