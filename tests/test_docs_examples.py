@@ -1,6 +1,7 @@
 """Every ```python block of README.md and docs/*.md runs on its own, in a fresh interpreter, offline.
 
 A block preceded by `<!-- not-run: REASON -->` (network or a trained run needed) is skipped and must give a reason.
+Relative links between the pages point to files that exist.
 """
 import os
 import re
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 FENCE = re.compile(r'^```(\w*)\n(.*?)^```$', re.M | re.S)
 NOT_RUN = re.compile(r'<!-- not-run: (.+?) -->\s*$')
+LINK = re.compile(r'\]\(([^)#\s]+)(?:#[^)]*)?\)')
 
 
 def python_blocks(text: str) -> List[Tuple[int, str, str]]:
@@ -44,6 +46,15 @@ def test_every_page_is_covered_and_markers_are_rare():
     skipped = [(page.name, line, reason) for page, line, _, reason in BLOCKS if reason]
     assert len(skipped) <= len(BLOCKS) // 3, skipped
     assert all(len(reason.split()) >= 3 for *_, reason in skipped), skipped
+
+
+def test_relative_links_resolve():
+    links = [(page.name, target) for page in PAGES for target in LINK.findall(page.read_text())
+             if '://' not in target]
+    assert len(links) >= 10
+    broken = [(name, target) for name, target in links
+              if not (ROOT / ('docs' if name != 'README.md' else '.') / target).resolve().exists()]
+    assert not broken, broken
 
 
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
