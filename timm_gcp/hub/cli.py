@@ -8,7 +8,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from huggingface_hub import get_token
 
@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-gcp', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-    def add(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text)
+    def add(name: str, run: Callable[[argparse.Namespace], None], text: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=text, description=text)
+        parser.set_defaults(run=run)
+        return parser
 
-    p = add('push', 'publish an exported model folder to the Hub in one commit (token: HF_TOKEN or '
-                    '`hf auth login`, never printed)')
+    p = add('push', _push, 'publish an exported model folder to the Hub in one commit (token: HF_TOKEN or '
+                           '`hf auth login`, never printed)')
     p.add_argument('folder', help='exported model folder (model.safetensors, config.json, README.md)')
     p.add_argument('--repo-id', required=True, help='target repository, ORG/NAME')
     p.add_argument('--private', action='store_true', help='create the repository private')
@@ -105,10 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--commit-message', default=None)
     p.add_argument('--max-retries', type=int, default=5, help='retries on 408/429/5xx/connection errors')
     p.add_argument('--retry-delay', type=float, default=1.0, help='first backoff delay in seconds (doubles)')
-    p.set_defaults(run=_push)
 
-    p = add('verify', "check a published repo (checksums, Hub object ids) or a local export folder (push's "
-                      "checks), bit-identical loading and, with --data-dir, the card's accuracy")
+    p = add('verify', _verify, "check a published repo (checksums, Hub object ids) or a local export folder "
+                               "(push's checks), bit-identical loading and, with --data-dir, the card's accuracy")
     p.add_argument('target', help='ORG/NAME, or an exported model folder')
     p.add_argument('--revision', default=None, help='branch, tag or commit of a repo (default main)')
     p.add_argument('--data-dir', default=None, help='image folder (with val/<class>/...) to re-evaluate on')
@@ -117,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--hflip-average', action='store_true', help='average logits with the flipped image')
     p.add_argument('--catalogue', nargs='?', const=CATALOGUE, default=None,
                    help=f'also compare a repo with the sha256 the catalogue records (default {CATALOGUE})')
-    p.set_defaults(run=_verify)
 
-    p = add('convert', "convert an official GCP ResNet checkpoint into a folder that loads with "
-                       "timm.create_model('local-dir:DIR', pretrained=True)")
+    p = add('convert', _convert, "convert an official GCP ResNet checkpoint into a folder that loads with "
+                                 "timm.create_model('local-dir:DIR', pretrained=True)")
     p.add_argument('src', help='official checkpoint (.pth / .pth.tar)')
     p.add_argument('--model', required=True, help='timm-gcp architecture, e.g. gcp_resnet50')
     p.add_argument('--output', required=True, help='folder to write')
@@ -129,14 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--meta-layer', default=None, help="override the source's meta-layer")
     p.add_argument('--layer4-stride', type=int, choices=(1, 2), default=None, help="override the source's stride")
     p.add_argument('--label-names', default=None, help='text file with one class name per line')
-    p.set_defaults(run=_convert)
 
-    p = add('model-table', "print the README's model table from the catalogue (checked against timm's "
-                           "registry), or rewrite it between its markers (--write)")
+    p = add('model-table', _model_table, "print the README's model table from the catalogue (checked against "
+                                         "timm's registry), or rewrite it between its markers (--write)")
     p.add_argument('--catalogue', default=CATALOGUE)
     p.add_argument('--readme', default='README.md')
     p.add_argument('--write', action='store_true', help='replace the table in the README')
-    p.set_defaults(run=_model_table)
     return parser
 
 
