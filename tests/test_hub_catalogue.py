@@ -137,7 +137,7 @@ def test_readme_table_is_generated_from_the_catalogue():
     assert replace_table(readme, render_table(CATALOGUE)) == readme, 'run: timm-gcp model-table --write'
 
 
-def test_model_table_cli_rewrites_only_the_table(tmp_path):
+def test_model_table_cli_rewrites_only_the_table(tmp_path, capsys):
     catalogue = _catalogue(tmp_path, ENTRY)
     readme = tmp_path / 'README.md'
     readme.write_text('intro\n<!-- model-table -->\n| stale |\n<!-- /model-table -->\noutro\n')
@@ -148,6 +148,8 @@ def test_model_table_cli_rewrites_only_the_table(tmp_path):
         readme.write_text(broken)
         assert main(['model-table', '--catalogue', str(catalogue), '--readme', str(readme), '--write']) == 1
         assert readme.read_text() == broken
+    assert main(['model-table', '--catalogue', str(tmp_path / 'none.yaml')]) == 1
+    assert f"no catalogue at {tmp_path / 'none.yaml'}" in capsys.readouterr().err
 
 
 def test_model_table_cli_refuses_a_catalogue_that_disagrees_with_the_registry(tmp_path, capsys):

@@ -72,6 +72,8 @@ def _planned_entries(spec: dict) -> List[dict]:
 def load_catalogue(path: Union[str, os.PathLike]) -> List[CatalogueEntry]:
     """Entries of a catalogue YAML file (a `models` list and an optional `planned` block that generates planned
     entries); ValueError on a malformed entry."""
+    if not os.path.isfile(path):
+        raise ValueError(f'no catalogue at {path}: it is hub/catalogue.yaml of a timm-gcp checkout (run from its root)')
     with open(path) as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or not isinstance(doc.get('models'), list):
