@@ -214,7 +214,7 @@ def _train(args: Any, argv: Optional[List[str]], switch: Any, accelerator: 'Acce
         accelerator.print(f'final (epoch {final["epoch"]}): top-1 {final["top1"]:.2f} top-5 {final["top5"]:.2f}; '
                           f'best (epoch {best["epoch"]}): top-1 {best["top1"]:.2f} top-5 {best["top5"]:.2f}')
         accelerator.print(f'Hub-ready model: {model_dir}')
-        accelerator.print(f'publish it with: python hub/push.py {model_dir} --repo-id ORG/NAME')
+        accelerator.print(f'publish it with: timm-gcp push {model_dir} --repo-id ORG/NAME')
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {'run_dir': run_dir, 'metrics': metrics, 'model': final_model, 'data_config': data_config}

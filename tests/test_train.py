@@ -93,7 +93,7 @@ def test_end_to_end_flowers(run_train, flowers, tmp_path, capsys):
     assert config['label_names'] == sorted(p.name for p in (flowers / 'train').iterdir())
     printed = capsys.readouterr().out
     assert f'Hub-ready model: {out / "model"}' in printed
-    assert f'python hub/push.py {out / "model"} --repo-id ORG/NAME' in printed
+    assert f'timm-gcp push {out / "model"} --repo-id ORG/NAME' in printed
     # the exported model alone reproduces the reported accuracy
     model = timm.create_model(f'local-dir:{out / "model"}', pretrained=True).eval()
     torch.testing.assert_close(model.state_dict()['fc.weight'], result['model'].state_dict()['fc.weight'])
