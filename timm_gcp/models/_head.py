@@ -16,10 +16,24 @@ class GcpHeadMixin:
     The model sets `num_features`, `gcp_dim` and `dropcov` before calling `set_meta_layer` and `reset_classifier`.
     """
     num_features: int
+    in_chans: int
     gcp_dim: int
     dropcov: bool
     global_pool: nn.Module
     fc: nn.Module
+
+    def gcp_model_args(self) -> Dict[str, Any]:
+        """The JSON-serialisable kwargs that rebuild this model: pass them as `model_args` to timm's
+        `save_for_hf` / `push_to_hf_hub` (timm < 1.0.31 records only what is passed explicitly)."""
+        return dict(
+            num_classes=self.num_classes,
+            in_chans=self.in_chans,
+            global_pool=self.global_pool.pool_type,
+            gcp_dim=self.gcp_dim,
+            meta_layer=self.meta_layer_name,
+            meta_layer_kwargs=dict(self.meta_layer_kwargs),
+            dropcov=self.dropcov,
+        )
 
     @property
     def meta_layer_name(self) -> str:

@@ -106,19 +106,8 @@ class GcpNet(GcpHeadMixin, nn.Module):
         self.reset_classifier(num_classes, global_pool)
 
     def gcp_model_args(self) -> Dict[str, Any]:
-        """The JSON-serialisable kwargs that rebuild this model: pass them as `model_args` to timm's
-        `save_for_hf` / `push_to_hf_hub`."""
-        return dict(
-            self.base_kwargs,
-            num_classes=self.num_classes,
-            in_chans=self.in_chans,
-            global_pool=self.global_pool.pool_type,
-            gcp_dim=self.gcp_dim,
-            meta_layer=self.meta_layer_name,
-            meta_layer_kwargs=dict(self.meta_layer_kwargs),
-            dropcov=self.dropcov,
-            drop_rate=self.drop_rate,
-        )
+        """The head's kwargs (`GcpHeadMixin.gcp_model_args`), the base's own options and `drop_rate`."""
+        return dict(self.base_kwargs, **super().gcp_model_args(), drop_rate=self.drop_rate)
 
     def is_gcp_checkpoint(self, state_dict: Dict[str, Any]) -> bool:
         return any(k.startswith('backbone.') for k in state_dict)

@@ -71,18 +71,7 @@ class GcpResNet(GcpHeadMixin, ResNet):
         self.reset_classifier(num_classes, global_pool)
 
     def gcp_model_args(self) -> Dict[str, Any]:
-        """The JSON-serialisable kwargs that rebuild this model: pass them as `model_args` to timm's
-        `save_for_hf` / `push_to_hf_hub` (timm < 1.0.31 records only what is passed explicitly)."""
-        return dict(
-            num_classes=self.num_classes,
-            in_chans=self.in_chans,
-            global_pool=self.global_pool.pool_type,
-            gcp_dim=self.gcp_dim,
-            meta_layer=self.meta_layer_name,
-            meta_layer_kwargs=dict(self.meta_layer_kwargs),
-            layer4_stride=self.layer4_stride,
-            dropcov=self.dropcov,
-        )
+        return dict(super().gcp_model_args(), layer4_stride=self.layer4_stride)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward_features(_check_images(x, self.in_chans, type(self).__name__))
