@@ -216,8 +216,6 @@ def test_sigint_exits_128_plus_2_with_the_resume_command_last(tiny_flowers, tmp_
 
 
 def test_tiny_convnext_fine_tunes_with_the_convnext_recipe(run_train, tiny_flowers, tmp_path):  # noqa: F811
-    if not timm.is_model('gcp_test_convnext'):
-        pytest.skip('gcp_test_convnext is not registered yet (issue 10 item 2)')
     out = tmp_path / 'run'
     result = run_train('--recipe', 'finegrained_convnext_448', '--model', 'gcp_test_convnext', '--no-pretrained',
                        '--data-dir', tiny_flowers, '--img-size', '64', '-b', '4', '--epochs', '1', '--workers', '0',
