@@ -229,9 +229,10 @@ class Checkpointer:
                 final.rename(self.folder / f'.tmp-replaced-{final.name}')
             tmp.rename(final)
             # only now that a new checkpoint is in place: drop a stale future and what is beyond `keep`
-            stale = [p for p in _checkpoints(self.folder) if _sort_key(p) > _sort_key(final)]
-            for old in [*self.folder.glob('.tmp-*'), *stale, *[p for p in _checkpoints(self.folder)
-                                                               if p not in stale][:-self.keep]]:
+            checkpoints = _checkpoints(self.folder)
+            stale = [p for p in checkpoints if _sort_key(p) > _sort_key(final)]
+            beyond_keep = [p for p in checkpoints if p not in stale][:-self.keep]
+            for old in [*self.folder.glob('.tmp-*'), *stale, *beyond_keep]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
         self.last = final
