@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='resnet50')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--backbone-weights', default=None,
-                   help='initialise a GCP backbone from a plain timm ResNet checkpoint (file or timm name)')
+                   help='initialise a GCP backbone from a plain timm checkpoint of its architecture '
+                        '(file or timm name)')
     g.add_argument('--initial-checkpoint', default=None, help='load these weights (strict) after creating the model')
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of classes in the data')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs k=v')
