@@ -111,7 +111,8 @@ def test_published_flags_and_command_hold_no_local_paths(tmp_path):
     assert flags['data_dir'] == 'cub' and flags['lr'] == 0.5 and flags['model_kwargs'] == {'gcp_dim': 8}
     assert not {'output', 'resume', 'config'} & set(flags)
     assert 'home-of-jdoe' not in repr(flags) and 'home-of-jdoe' not in command
-    local = public_command(command_line(['--model', f'local-dir:{secret}/exported', f'--initial-checkpoint={out}/w.pt']))
+    local = public_command(command_line(['--model', f'local-dir:{secret}/exported',
+                                         f'--initial-checkpoint={out}/w.pt']))
     assert local == 'python train.py --model local-dir:exported --initial-checkpoint w.pt'
     (secret / 'pets_hf').mkdir()
     hub = public_command(command_line(['--dataset', f'hfds/{secret}/pets_hf', '--backbone-weights',
