@@ -2,8 +2,9 @@
 
 In-memory git-like storage (commits, branches); files are always answered as `regular` uploads so the client never
 switches to Xet. Commits are applied atomically after the whole request body parsed. Fault injection:
-`fail_next_commits` (`fail_status`, 503 by default, on the next N commit requests), `fail_paths` (500 on any commit touching those paths) and
-`corrupt_downloads` (those paths are served with their last byte flipped, while tree and ETag report the stored bytes).
+`fail_next_commits` (`fail_status`, 503 by default, on the next N commit requests), `fail_paths` (500 on any commit
+touching those paths) and `corrupt_downloads` (those paths are served with their last byte flipped, while tree and
+ETag report the stored bytes).
 """
 import base64
 import hashlib

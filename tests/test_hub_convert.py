@@ -210,7 +210,7 @@ def test_cli_converts_a_small_mpncovresnet(tmp_path, capsys):
     torch.save(sd, tmp_path / 'mpncovresnet18.pth')
     (tmp_path / 'labels.txt').write_text('\n'.join('abcde') + '\n')
     assert main(['convert', str(tmp_path / 'mpncovresnet18.pth'), '--model', 'gcp_resnet18', '--output',
-                     str(tmp_path / 'out'), '--label-names', str(tmp_path / 'labels.txt')]) == 0
+                 str(tmp_path / 'out'), '--label-names', str(tmp_path / 'labels.txt')]) == 0
     model = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
     assert (model.gcp_dim, model.num_classes, model.pretrained_cfg['label_names']) == (16, 5, list('abcde'))
     assert torch.equal(model.global_pool.conv.weight, sd['layer_reduce.weight'])

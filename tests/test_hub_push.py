@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
-from timm_gcp.hub.manifest import file_digest
 from timm_gcp.hub.cli import redact_token
+from timm_gcp.hub.manifest import file_digest
 from timm_gcp.hub.push import push_model, with_retries
 from timm_gcp.hub.verify import VerificationError, verify_folder, verify_repo
 from hub_server import HubServer, serve_patched
@@ -275,7 +275,8 @@ def test_push_refuses_non_finite_or_local_content_before_any_request(hub, export
     weights = load_file(str(exported / 'model.safetensors'))
     weights['fc.weight'][0, 0] = float('nan')
     save_file(weights, str(exported / 'model.safetensors'))
-    with pytest.raises(ValueError, match=r"model.safetensors has 1 non-finite tensors \(NaN/Inf\), e.g. \['fc.weight'\]"):
+    with pytest.raises(ValueError,
+                       match=r"model.safetensors has 1 non-finite tensors \(NaN/Inf\), e.g. \['fc.weight'\]"):
         push_model(exported, 'org/x')
     (exported / 'model.safetensors').write_bytes(original['model.safetensors'])
 
