@@ -2,7 +2,7 @@
 cfgs at import, and the build path that loads them with one clear error when the Hub cannot deliver them."""
 import os
 from dataclasses import replace
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
@@ -22,10 +22,15 @@ ISQRT_COV_PAPER = 'arXiv:1712.01034'
 GSOP_PAPER = 'arXiv:1811.12006'
 
 
-def backbone_tags(arch: str, base_arch: str, description: str,
-                  adapt: Optional[Callable[[PretrainedCfg], Dict[str, Any]]] = None) -> Dict[str, PretrainedCfg]:
+def backbone_tags(arch: str, base_arch: str, description: str, paper_ids: Tuple[str, ...],
+                  adapt: Callable[[PretrainedCfg], Dict[str, Any]]) -> Dict[str, PretrainedCfg]:
     """'arch.tag' -> pretrained cfg for every tag of timm's `base_arch` whose weights are a timm Hub repo: the
-    backbone's weights, data config and license, with the fields `adapt(cfg)` returns replaced."""
+    backbone's weights, data config and license, `paper_ids` before the backbone's, and the fields `adapt(cfg)`
+    returns replaced."""
+    def gcp_fields(cfg: PretrainedCfg) -> Dict[str, Any]:
+        base_papers = (cfg.paper_ids,) if isinstance(cfg.paper_ids, str) else tuple(cfg.paper_ids or ())
+        return dict(adapt(cfg), paper_ids=paper_ids + base_papers)
+
     base_cfgs = get_arch_pretrained_cfgs(base_arch)
     cfgs = {}
     for name, cfg in base_cfgs.items():
@@ -34,11 +39,11 @@ def backbone_tags(arch: str, base_arch: str, description: str,
         tag = split_model_name_tag(name)[1]
         changes = dict(url=None, custom_load=False,  # the Hub's safetensors, not an original release file
                        description=f'{description}; backbone {cfg.hf_hub_id}, GCP head freshly initialised')
-        cfgs[f'{arch}.{tag}'] = replace(cfg, **changes, **(adapt(cfg) if adapt else {}))
+        cfgs[f'{arch}.{tag}'] = replace(cfg, **changes, **gcp_fields(cfg))
     if not cfgs and base_cfgs:  # no loadable weights: the base's data config, untagged
         cfg = next(iter(base_cfgs.values()))
         cfgs[arch] = replace(cfg, url=None, file=None, hf_hub_id=None, hf_hub_filename=None, description=description,
-                             **(adapt(cfg) if adapt else {}))
+                             **gcp_fields(cfg))
     return cfgs
 
 

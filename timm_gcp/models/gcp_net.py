@@ -224,8 +224,7 @@ def _gcp_net_cfg(cfg) -> Dict[str, Any]:
     if first_conv is not None:
         first_conv = f'backbone.{first_conv}' if isinstance(first_conv, str) else tuple(
             f'backbone.{c}' for c in first_conv)
-    base_papers = (cfg.paper_ids,) if isinstance(cfg.paper_ids, str) else tuple(cfg.paper_ids or ())
-    return dict(first_conv=first_conv, classifier='fc', paper_ids=(ISQRT_COV_PAPER,) + base_papers)
+    return dict(first_conv=first_conv, classifier='fc')
 
 
 def _base_archs() -> Dict[str, Tuple[str, Family]]:
@@ -240,7 +239,7 @@ _ARCHS = _base_archs()
 default_cfgs = generate_default_cfgs({
     name: cfg
     for arch, (base, _) in _ARCHS.items()
-    for name, cfg in backbone_tags(arch, base, f'GCP head on timm {base}', _gcp_net_cfg).items()
+    for name, cfg in backbone_tags(arch, base, f'GCP head on timm {base}', (ISQRT_COV_PAPER,), _gcp_net_cfg).items()
 })
 for _name, (_base, _family) in _ARCHS.items():
     register_model(_entrypoint(_name, _base, _family))

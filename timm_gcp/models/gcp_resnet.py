@@ -113,12 +113,11 @@ _ARCHS = {
 }
 
 
-def stride16_cfg(paper_ids: Tuple[str, ...], paper_name: str) -> Callable[[PretrainedCfg], Dict[str, Any]]:
-    """`backbone_tags` adapter for GCP ResNets: pool sizes at stride 16, the GCP papers before the backbone's."""
+def stride16_cfg(paper_name: str) -> Callable[[PretrainedCfg], Dict[str, Any]]:
+    """`backbone_tags` adapter for GCP ResNets: pool sizes at stride 16, the GCP paper's name."""
     def adapt(cfg: PretrainedCfg) -> Dict[str, Any]:
-        base_papers = (cfg.paper_ids,) if isinstance(cfg.paper_ids, str) else tuple(cfg.paper_ids or ())
         return dict(pool_size=_pool_size(cfg.input_size), test_pool_size=_pool_size(cfg.test_input_size),
-                    paper_ids=paper_ids + base_papers, paper_name=paper_name)
+                    paper_name=paper_name)
     return adapt
 
 
@@ -130,7 +129,7 @@ default_cfgs = generate_default_cfgs({
     name: cfg
     for arch in _ARCHS
     for name, cfg in backbone_tags(
-        arch, arch[len('gcp_'):], _DESCRIPTION, stride16_cfg((ISQRT_COV_PAPER,), _PAPER)).items()
+        arch, arch[len('gcp_'):], _DESCRIPTION, (ISQRT_COV_PAPER,), stride16_cfg(_PAPER)).items()
 })
 
 

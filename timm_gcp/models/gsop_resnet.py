@@ -70,7 +70,7 @@ default_cfgs = generate_default_cfgs({
     name: cfg
     for arch in _ARCHS
     for name, cfg in backbone_tags(
-        arch, arch.replace('gsop_', ''), _DESCRIPTION, stride16_cfg((GSOP_PAPER, ISQRT_COV_PAPER), _PAPER)).items()
+        arch, arch.replace('gsop_', ''), _DESCRIPTION, (GSOP_PAPER, ISQRT_COV_PAPER), stride16_cfg(_PAPER)).items()
 })
 
 
