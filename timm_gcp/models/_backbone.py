@@ -7,11 +7,10 @@ from typing import Dict, List, Mapping, Tuple, Union
 
 import timm
 import torch
-from huggingface_hub.errors import EntryNotFoundError
 from timm.models import load_state_dict
 from torch import nn
 
-from ._hub_access import check_hub_reachable, fetch_error
+from ._hub_access import hub_weights
 
 __all__ = ['load_backbone_weights', 'backbone_filter_fn', 'state_dict_differences']
 
@@ -30,14 +29,8 @@ def _read_state_dict(source: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]
         return timm.create_model(name, pretrained=True).state_dict()
     if timm.is_model(name.split('.', 1)[0]):
         cfg = timm.models.get_pretrained_cfg(name)
-        if cfg is not None and cfg.hf_hub_id:
-            check_hub_reachable(name, cfg)
-        try:
+        with hub_weights(name, cfg, cfg is not None and bool(cfg.hf_hub_id)):
             return timm.create_model(name, pretrained=True).state_dict()
-        except (OSError, EntryNotFoundError) as err:
-            if cfg is None or not cfg.hf_hub_id:
-                raise
-            raise fetch_error(name, cfg, err) from None
     raise ValueError(f'{name!r} is neither a checkpoint file nor a timm model name such as "resnet50.a1_in1k"')
 
 

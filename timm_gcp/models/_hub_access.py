@@ -1,9 +1,12 @@
 """Hub access for pretrained weights: one clear error, at once, when the weights are neither cached nor reachable."""
+from contextlib import contextmanager
+from typing import Iterator
+
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 from timm.models import PretrainedCfg
 
-__all__ = ['check_hub_reachable', 'fetch_error']
+__all__ = ['hub_weights']
 
 _PROBE_TIMEOUT_S = 10
 
@@ -34,3 +37,17 @@ def check_hub_reachable(name: str, cfg: PretrainedCfg) -> None:
         return  # reachable; timm looks for its other file names and reports a missing revision itself
     except Exception as err:  # refused, timed out, unknown repo: any of them means no weights
         raise fetch_error(name, cfg, err) from err
+
+
+@contextmanager
+def hub_weights(name: str, cfg: PretrainedCfg, from_hub: bool) -> Iterator[None]:
+    """Around loading the weights of `name`: when they come from the Hub (`from_hub`), `check_hub_reachable` first and
+    a failed download raised as `fetch_error`; otherwise nothing."""
+    if not from_hub:
+        yield
+        return
+    check_hub_reachable(name, cfg)
+    try:
+        yield
+    except (OSError, EntryNotFoundError) as err:
+        raise fetch_error(name, cfg, err) from None

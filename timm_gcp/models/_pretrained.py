@@ -4,13 +4,12 @@ import os
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._registry import get_arch_pretrained_cfgs, split_model_name_tag
 from torch import nn
 
 from ._backbone import backbone_filter_fn
-from ._hub_access import check_hub_reachable, fetch_error
+from ._hub_access import hub_weights
 
 __all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'backbone_tags', 'build_gcp_model', 'resolve_tag']
 
@@ -66,16 +65,11 @@ def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool =
     one error that names the model and the tag."""
     cfg = resolve_tag(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     from_hub = pretrained and bool(cfg.hf_hub_id) and not (cfg.file or cfg.state_dict or cfg.source == 'local-dir')
-    if from_hub:
-        check_hub_reachable(f'{variant}.{cfg.tag}', cfg)
-    try:
-        return build_model_with_cfg(
-            model_cls, variant, pretrained, pretrained_filter_fn=backbone_filter_fn, **kwargs)
-    except (OSError, HfHubHTTPError, EntryNotFoundError) as err:
-        if not from_hub:
-            raise
-        raise fetch_error(f'{variant}.{cfg.tag}', cfg, err) from None
-    except ValueError as err:
-        if variant in str(err):
-            raise
-        raise ValueError(f'{variant}: {err}') from None
+    with hub_weights(f'{variant}.{cfg.tag}', cfg, from_hub):
+        try:
+            return build_model_with_cfg(
+                model_cls, variant, pretrained, pretrained_filter_fn=backbone_filter_fn, **kwargs)
+        except ValueError as err:
+            if variant in str(err):
+                raise
+            raise ValueError(f'{variant}: {err}') from None
