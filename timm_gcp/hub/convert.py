@@ -65,9 +65,9 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
         return 'mpncovresnet'
     if 'representation.conv_dr_block.0.weight' in state_dict:
         return 'newmodel'
-    raise ValueError('unknown checkpoint layout: expected fast-MPN-COV mpncovresnet keys (layer_reduce.weight, fc.*) or '
-                     'the training script\'s (features.*, representation.conv_dr_block.*, classifier.*); found e.g. '
-                     f'{sorted(state_dict)[:5]}')
+    raise ValueError('unknown checkpoint layout: expected fast-MPN-COV mpncovresnet keys (layer_reduce.weight, '
+                     'fc.*) or the training script\'s (features.*, representation.conv_dr_block.*, classifier.*); '
+                     f'found e.g. {sorted(state_dict)[:5]}')
 
 
 def _rename(key: str, layout: str, pool: str) -> str:
