@@ -1,10 +1,10 @@
 """Datasets and loaders: image folders and Hugging Face datasets behind one checked, fault-tolerant interface.
 
 Every sample is `(image, target, unreadable)`. An unreadable image (corrupt, truncated, a decompression bomb, or more
-pixels than `max_image_pixels`) is logged with its path and, in training,
-replaced by the next readable one; in evaluation it becomes a blank placeholder flagged `unreadable=1` that the
-evaluation leaves out, so every readable validation image is still counted exactly once. Training augmentations are
-seeded per (seed, epoch, index): a resumed run sees exactly the images and crops an uninterrupted one would.
+pixels than `max_image_pixels`) is logged with its path and, in training, replaced by the next readable one; in
+evaluation it becomes a blank placeholder flagged `unreadable=1` that the evaluation leaves out, so every readable
+validation image is still counted exactly once. Training augmentations are seeded per (seed, epoch, index): a resumed
+run sees exactly the images and crops an uninterrupted one would.
 """
 import io
 import logging

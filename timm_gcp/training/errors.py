@@ -13,7 +13,7 @@ EXIT_USAGE = 2           # bad flags, recipe, config or model (argparse uses 2 t
 EXIT_DATA = 3            # missing or malformed data set
 EXIT_CHECKPOINT = 4      # nothing valid to resume from, or a checkpoint that does not fit the run
 EXIT_DIVERGED = 5        # non-finite loss for several updates in a row
-EXIT_OUTPUT_IN_USE = 6   # another run holds --output
+EXIT_OUTPUT_IN_USE = 6   # another run holds --output, or a new run would start in a folder that holds a run
 # interrupted by signal N (SIGINT, SIGTERM): checkpoint saved, exit 128 + N
 
 _USER_ERROR_TYPES: Tuple[Type[BaseException], ...] = (ValueError, OSError, KeyError, TypeError)
