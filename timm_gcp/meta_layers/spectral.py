@@ -196,7 +196,7 @@ class _EigenvectorRule(SpectralPower):
         super().__init__(alpha=alpha, eps=eps, float64=float64, eigh_backend=eigh_backend)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
-        """R(x) ≈ 1/(1 − x) on (0, 1], bounded at x = 1."""
+        """R(x) ≈ 1/(1 − x) on (0, 1]; finite at x = 1 but for the published Padé's (the overflow guard acts)."""
         raise NotImplementedError
 
     def off_diagonal(self, evals_i: torch.Tensor, evals_j: torch.Tensor, powered_i: torch.Tensor,
