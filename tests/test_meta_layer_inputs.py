@@ -95,8 +95,9 @@ def test_non_finite_features_in_a_gcp_head_name_the_head(method):
     head = GCPPool(16, dim=8, meta_layer=method).eval()  # (in training BN spreads NaN to the batch)
     x = torch.randn(2, 16, 5, 5)
     x[0, 3, 1, 1] = float('nan')
-    with pytest.raises(NonFiniteCovarianceError, match=r'GCPPool: the covariance of its \(B, 8, H, W\) reduced '
-                                                       r'features is non-finite.*backbone output.*batch elements \[0\]'):
+    with pytest.raises(NonFiniteCovarianceError,
+                       match=r'GCPPool: the covariance of its \(B, 8, H, W\) reduced '
+                             r'features is non-finite.*backbone output.*batch elements \[0\]'):
         head(x)
     with pytest.raises(NonFiniteCovarianceError, match='GCPPool'):  # finite features whose covariance overflows
         head.conv.weight.data.fill_(1e30)

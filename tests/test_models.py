@@ -327,7 +327,8 @@ def test_set_meta_layer_and_model_args():
         model.set_meta_layer('no_such_layer')
     assert model.gcp_model_args()['meta_layer_kwargs'] == {'num_iter': 2}  # a failed switch changes nothing
     model.global_pool.set_meta_layer('eig', alpha=0.4)  # switched on the head itself: the model reports it too
-    assert (model.gcp_model_args()['meta_layer'], model.gcp_model_args()['meta_layer_kwargs']) == ('eig', {'alpha': 0.4})
+    args = model.gcp_model_args()
+    assert (args['meta_layer'], args['meta_layer_kwargs']) == ('eig', {'alpha': 0.4})
     model.reset_classifier(NUM_CLASSES, 'avg')
     model.reset_classifier(NUM_CLASSES, 'gcp')  # a new GCP head gets the meta-layer the old one had
     assert (model.global_pool.meta_layer_name, model.global_pool.meta_layer.alpha) == ('eig', 0.4)

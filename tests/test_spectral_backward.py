@@ -130,7 +130,8 @@ def test_rank_deficient_gradient_against_closed_form(method):
     roots = evals.sqrt()
     gap = evals[:, :, None] - evals[:, None, :]
     tied = gap == 0
-    loewner = torch.where(tied, torch.zeros_like(gap), (roots[:, :, None] - roots[:, None, :]) / torch.where(tied, 1, gap))
+    loewner = torch.where(tied, torch.zeros_like(gap),
+                          (roots[:, :, None] - roots[:, None, :]) / torch.where(tied, 1, gap))
     loewner.diagonal(dim1=-2, dim2=-1).copy_(0.5 / roots)
     sym = 0.5 * (grad_out + grad_out.mT)
     expected = evecs @ ((evecs.mT @ sym @ evecs) * loewner) @ evecs.mT

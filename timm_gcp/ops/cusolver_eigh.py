@@ -26,7 +26,8 @@ _SYMBOL = 'cusolverDnXsyevBatched'
 
 # cuSOLVER / CUDA enum values (cusolver_common.h, library_types.h, cublas_api.h)
 _EIG_MODE_VECTOR = 1
-_FILL_MODE_UPPER = 1  # upper triangle of the column-major matrix = lower triangle of the row-major one (torch's UPLO='L')
+# upper triangle of the column-major matrix = lower triangle of the row-major one (torch's UPLO='L')
+_FILL_MODE_UPPER = 1
 _CUDA_DTYPE = {torch.float32: 0, torch.float64: 1}  # CUDA_R_32F, CUDA_R_64F
 
 _i64, _vp, _int, _sz = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
