@@ -7,7 +7,6 @@ import timm
 import torch
 from timm.models import save_for_hf
 from timm.optim import create_optimizer_v2
-from torch import nn
 
 import timm_gcp
 from timm_gcp.layers import GCPPool

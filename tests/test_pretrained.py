@@ -1,6 +1,5 @@
 """`pretrained=True` on GCP tags: timm's backbone weights served by the project's Hub-protocol server
 (tests/hub_server.py) in timm's repo layout, fetched by the real huggingface_hub client through timm."""
-import json
 import logging
 
 import huggingface_hub
@@ -11,7 +10,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
-import timm_gcp  # noqa: F401  registers the GCP models
+import timm_gcp
 from hub_server import HubServer, point_client_at
 
 GCP_DIM = 8
