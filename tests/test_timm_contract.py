@@ -16,6 +16,8 @@ MODELS = [n for n in ('gcp_resnet18', 'gsop_resnet50', 'gcp_test_resnet', 'gcp_t
                       'gcp_test_vit') if timm.is_model(n)]
 NUM_CLASSES = 5
 GCP_DIM = 8
+
+
 def gcp_head(in_chs: int, num_classes: int, dim: int, **kwargs) -> nn.Sequential:
     """GCPPool then a linear classifier: the head the GCP models build."""
     pool = GCPPool(in_chs, dim, **kwargs)
