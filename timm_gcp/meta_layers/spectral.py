@@ -227,7 +227,8 @@ class SvdPade(_EigenvectorRule):
     def __init__(self, approximant: str = 'published', **kwargs):
         super().__init__(**kwargs)
         if approximant not in self.APPROXIMANTS:
-            raise ValueError(f'svd_pade approximant must be one of {sorted(self.APPROXIMANTS)}, got {approximant!r}')
+            raise ValueError(f'{self.name} option approximant must be one of {sorted(self.APPROXIMANTS)}, '
+                             f'got {approximant!r}')
         self.approximant = approximant
         self.coefficients = list(zip(*self.APPROXIMANTS[approximant](50)))  # (numerator, denominator) per power
 
