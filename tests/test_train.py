@@ -50,16 +50,19 @@ def train_script():
     return module
 
 
+def in_process(entry, argv):
+    """Call train.py's `entry` (main or cli) in this process; accelerate's singletons are reset afterwards."""
+    try:
+        return entry([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture
 def run_train(train_script):
-    """Call train.py's main() in this process; accelerate's singletons are reset afterwards."""
-    def run(*argv):
-        try:
-            return train_script.main([str(a) for a in argv])
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-    return run
+    """Call train.py's main() in this process (`in_process`)."""
+    return lambda *argv: in_process(train_script.main, argv)
 
 
 def _weights(run_dir: Path):

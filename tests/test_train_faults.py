@@ -14,7 +14,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from test_train import ROOT, SUBPROCESS_ENV, TINY, _start, _subset, run_train, train_script  # noqa: F401 (fixtures)
+from test_train import (  # noqa: F401 (fixtures)
+    ROOT, SUBPROCESS_ENV, TINY, _start, _subset, in_process, run_train, train_script)
 from timm_gcp.training import (
     EXIT_CHECKPOINT, EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT_IN_USE, EXIT_USAGE, CheckpointError, OutputInUse, RunLock,
     TrainingDiverged, read_train_state)
@@ -33,26 +34,8 @@ def finished(train_script, tiny_flowers, tmp_path_factory) -> Path:  # noqa: F81
     """A finished 1-epoch run (cosine schedule) with its checkpoint, under a private-looking path."""
     out = tmp_path_factory.mktemp(SECRET) / 'run'
     argv = [*TINY, '--data-dir', tiny_flowers, '--epochs', '1', '--output', out, '--sched', 'cosine']
-    _in_process(train_script, argv)
+    in_process(train_script.main, argv)
     return out
-
-
-def _in_process(train_script, argv):  # noqa: F811
-    from accelerate.state import AcceleratorState, GradientState
-    try:
-        return train_script.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def _cli(train_script, argv):  # noqa: F811
-    from accelerate.state import AcceleratorState, GradientState
-    try:
-        return train_script.cli([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -92,7 +75,7 @@ def test_resume_never_runs_a_planted_pickle(train_script, finished, tiny_flowers
     for name in ('optimizer.bin', 'random_states_0.pkl', 'custom_checkpoint_0.pkl'):
         saved = (checkpoint / name).read_bytes() if (checkpoint / name).exists() else None
         (checkpoint / name).write_bytes(pickle.dumps(Touch(marker)))
-        code = _cli(train_script, [*TINY, '--data-dir', tiny_flowers, '--epochs', '2', '--resume', run])
+        code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_flowers, '--epochs', '2', '--resume', run])
         err = capsys.readouterr().err
         assert code == EXIT_CHECKPOINT and not marker.exists(), err
         assert err.count('\n') == 1 and str(checkpoint / name) in err, err
@@ -184,11 +167,11 @@ def test_user_errors_are_one_line_with_an_exit_code(train_script, tiny_flowers, 
         (['--data-dir', str(tiny_flowers), '--resume', str(tmp_path)], EXIT_CHECKPOINT, 'no checkpoint found'),
     ]
     for extra, code, message in cases:
-        assert _cli(train_script, [*base, *extra, '--output', tmp_path / 'out']) == code, extra
+        assert in_process(train_script.cli, [*base, *extra, '--output', tmp_path / 'out']) == code, extra
         err = capsys.readouterr().err
         assert err.startswith('train.py: error: ') and message in err and err.count('\n') == 1, err
     with pytest.raises(FileNotFoundError, match='does not exist'):     # --debug: the traceback of a user error
-        _cli(train_script, [*base, *cases[2][0], '--debug'])
+        in_process(train_script.cli, [*base, *cases[2][0], '--debug'])
     assert not (tmp_path / 'out').exists()
 
 
