@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from test_train import (  # noqa: F401 (fixtures)
     ROOT, SUBPROCESS_ENV, TINY, _start, _subset, in_process, run_train, train_script)
+from test_train_checkpoint import Touch
 from timm_gcp.training import (
     EXIT_CHECKPOINT, EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT_IN_USE, EXIT_USAGE, CheckpointError, OutputInUse, RunLock,
     TrainingDiverged, read_train_state)
@@ -42,15 +43,6 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / 'run'
     shutil.copytree(run, dst, ignore=shutil.ignore_patterns('model', '.run.lock'))
     return dst
-
-
-class Touch:
-    """Unpickling this creates `marker`."""
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 def test_published_files_hold_no_local_paths_and_describe_the_run(finished, tiny_flowers):
