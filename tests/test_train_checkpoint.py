@@ -1,6 +1,7 @@
 """Checkpoint folders: atomic naming, pruning, stale futures after resuming from an earlier checkpoint, validation
 of every file, fallback to the newest intact checkpoint, files that cannot run code."""
 import json
+import math
 import os
 import pickle
 import re
@@ -171,3 +172,15 @@ def test_checkpoint_files_get_the_users_permissions(tmp_path):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in checkpoint.iterdir()} == {oct(0o644)}
+
+
+def test_a_non_finite_running_loss_is_checkpointed_as_null_and_read_back(tmp_path):
+    """An update whose loss overflowed (fp16: the scaler skipped its step) leaves the running loss sum non-finite;
+    a later checkpoint still saves it (strict JSON: null) and the resumed run reads it back as NaN."""
+    checkpoint = Checkpointer(OneProcess(), tmp_path).save(TrainState(updates=2, train_loss_sum=math.inf,
+                                                                      train_samples=8))
+    text = (checkpoint / 'trainer_state.json').read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in trainer_state.json'))
+    state = validate_checkpoint(checkpoint)
+    assert math.isnan(state.train_loss_sum) and state.train_samples == 8
+    assert math.isnan(read_train_state(checkpoint).train_loss_sum)

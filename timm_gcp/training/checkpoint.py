@@ -11,6 +11,7 @@ complete; before anything is restored, every file of the checkpoint is checked, 
 next older intact checkpoint. Older checkpoints are pruned only after a new one has been written.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from huggingface_hub.utils.sha import sha_fileobj
 from safetensors.torch import load_file, load_model, save_model
 
 from .errors import CheckpointError
+from .metrics import finite_or_none
 
 __all__ = ['TrainState', 'Checkpointer', 'find_checkpoint', 'select_checkpoint', 'validate_checkpoint',
            'read_train_state', 'check_compatible', 'load_ema', 'StopSignal', 'consolidate_counters']
@@ -50,7 +52,8 @@ class TrainState:
     command: Optional[str] = None
 
     def to_json(self, files: Optional[Dict[str, Any]] = None) -> str:
-        return json.dumps({**asdict(self), 'files': files or {}}, indent=2, allow_nan=False)
+        """Strict JSON: a running loss sum that overflowed (a skipped fp16 update) is written as null."""
+        return json.dumps(finite_or_none({**asdict(self), 'files': files or {}}), indent=2, allow_nan=False)
 
     def reset_counters(self) -> None:
         """Zero the running training counters (at an epoch's end, and on every process but the main one)."""
@@ -77,9 +80,12 @@ def _read_state_file(checkpoint_dir: Path) -> Tuple[TrainState, Dict[str, Any]]:
         unknown = set(raw) - {f.name for f in fields(TrainState)}
         if unknown:
             raise ValueError(f'unknown keys {sorted(unknown)}')
-        return TrainState(**raw), files
+        state = TrainState(**raw)
     except (OSError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f'{path} is not a valid trainer state: {err}') from None
+    if state.train_loss_sum is None:  # written as null (`to_json`): the sum was not finite
+        state.train_loss_sum = math.nan
+    return state, files
 
 
 def read_train_state(checkpoint_dir: Path, accelerator: Optional[Any] = None) -> TrainState:
