@@ -13,7 +13,7 @@ from torch import nn
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub.cli import main
-from timm_gcp.hub.convert import convert_checkpoint, load_official_checkpoint
+from timm_gcp.hub.convert import convert_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = REPO.parent / 'shared' / 'reference' / 'official_checkpoint_layouts.json'
@@ -164,10 +164,29 @@ def test_training_script_layout(newmodel_r50, tmp_path, source, stride, meta_lay
         assert all(torch.equal(v, converted[k]) for k, v in reloaded.state_dict().items())
 
 
+def test_timm_loads_an_official_file_like_convert(mpncov_r50, tmp_path):
+    """pretrained_cfg_overlay=dict(file=...) reads an official file through gcp_resnet.checkpoint_filter_fn: the very
+    weights convert exports."""
+    sd, path = mpncov_r50
+    out, _ = convert_checkpoint(path, 'gcp_resnet50', tmp_path / 'converted')
+    converted = load_file(str(out / 'model.safetensors'))
+    model = timm.create_model('gcp_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.state_dict().keys() == converted.keys()
+    assert all(torch.equal(v, converted[k]) for k, v in model.state_dict().items())
+
+
+_TO_NEWMODEL = {'conv1.': 'features.0.', 'bn1.': 'features.1.', 'layer1.': 'features.4.', 'layer2.': 'features.5.',
+                'layer3.': 'features.6.', 'layer4.': 'features.7.', 'fc.': 'classifier.',
+                'global_pool.conv.': 'representation.conv_dr_block.0.',
+                'global_pool.bn.': 'representation.conv_dr_block.1.'}
+
+
 @pytest.mark.parametrize('wrap', ['bare', 'state_dict', 'ddp', 'dataparallel_features'])
 def test_checkpoint_wrappers(tmp_path, wrap):
-    names = ['features.0.weight', 'features.7.2.bn3.running_var', 'representation.conv_dr_block.0.weight']
-    sd = {name: torch.full((2,), float(i)) for i, name in enumerate(names)}
+    """The training script's file, bare, inside {'state_dict': ...}, DDP- or DataParallel-wrapped, loads in full."""
+    ours = timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=8).state_dict()
+    sd = {next(new + k[len(old):] for old, new in _TO_NEWMODEL.items() if k.startswith(old)): v
+          for k, v in ours.items()}
     stored = {
         'bare': sd,
         'state_dict': {'epoch': 3, 'best_prec1': 1.5, 'state_dict': sd},
@@ -175,8 +194,9 @@ def test_checkpoint_wrappers(tmp_path, wrap):
         'dataparallel_features': {k.replace('features.', 'features.module.'): v for k, v in sd.items()},
     }[wrap]
     torch.save(stored, tmp_path / 'ckpt.pth.tar')
-    loaded = load_official_checkpoint(tmp_path / 'ckpt.pth.tar')
-    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    model = timm.create_model('gcp_resnet18', num_classes=3, gcp_dim=8, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'ckpt.pth.tar'), num_classes=3))
+    assert all(torch.equal(v, ours[k]) for k, v in model.state_dict().items())
 
 
 class _Arbitrary:
@@ -185,14 +205,16 @@ class _Arbitrary:
 
 def test_bad_checkpoints(tmp_path, mpncov_r50):
     torch.save({'model': _Arbitrary()}, tmp_path / 'pickle.pth')
-    with pytest.raises(ValueError, match='weights_only=True'):
-        load_official_checkpoint(tmp_path / 'pickle.pth')
+    torch.save([torch.zeros(1)], tmp_path / 'list.pth')
+    for name in ('pickle.pth', 'list.pth'):  # a foreign pickle, a file that is no state dict
+        with pytest.raises(ValueError, match='weights_only=True'):
+            convert_checkpoint(tmp_path / name, 'gcp_resnet50', tmp_path / 'out')
     torch.save({'conv.weight': torch.zeros(1)}, tmp_path / 'other.pth')
     with pytest.raises(ValueError, match='unknown checkpoint layout'):
         convert_checkpoint(tmp_path / 'other.pth', 'gcp_resnet50', tmp_path / 'out')
     with pytest.raises(FileNotFoundError):
-        load_official_checkpoint(tmp_path / 'missing.pth')
-    with pytest.raises(ValueError, match='does not fit gcp_resnet101: missing'):
+        convert_checkpoint(tmp_path / 'missing.pth', 'gcp_resnet50', tmp_path / 'out')
+    with pytest.raises(ValueError, match=r'for gcp_resnet101 with these layers: \d+ missing'):
         convert_checkpoint(mpncov_r50[1], 'gcp_resnet101', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
 

@@ -59,16 +59,17 @@ def resolve_tag(variant: str, pretrained_cfg: Any = None,
             f'{variant!r} for the default.') from None
 
 
-def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """`build_model_with_cfg` for GCP models: pretrained weights go through `backbone_filter_fn` (every backbone
-    tensor required, GCP head fresh, loaded strictly), and a bad tag, bad model kwargs or unreachable weights raise
-    one error that names the model and the tag."""
+def build_gcp_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
+                    pretrained_filter_fn: Callable = backbone_filter_fn, **kwargs) -> nn.Module:
+    """`build_model_with_cfg` for GCP models: pretrained weights go through `pretrained_filter_fn` (default
+    `backbone_filter_fn`: every backbone tensor required, GCP head fresh, loaded strictly), and a bad tag, bad model
+    kwargs or unreachable weights raise one error that names the model and the tag."""
     cfg = resolve_tag(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     from_hub = pretrained and bool(cfg.hf_hub_id) and not (cfg.file or cfg.state_dict or cfg.source == 'local-dir')
     with hub_weights(f'{variant}.{cfg.tag}', cfg, from_hub):
         try:
             return build_model_with_cfg(
-                model_cls, variant, pretrained, pretrained_filter_fn=backbone_filter_fn, **kwargs)
+                model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
         except ValueError as err:
             if variant in str(err):
                 raise

@@ -3,7 +3,7 @@
 Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
 Normalization", CVPR 2018 (arXiv:1712.01034).
 """
-from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
 from timm.models import PretrainedCfg, generate_default_cfgs, register_model
@@ -11,6 +11,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers import GCPPool
+from ._backbone import _check_complete, backbone_filter_fn
 from ._head import GcpHeadMixin
 from ._pretrained import ISQRT_COV_PAPER, backbone_tags, build_gcp_model
 
@@ -133,9 +134,50 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+_OFFICIAL_PREFIXES = {  # the official models' names -> ours (the GCP head is `global_pool`)
+    'layer_reduce.': 'global_pool.conv.', 'layer_reduce_bn.': 'global_pool.bn.',
+    'representation.conv_dr_block.0.': 'global_pool.conv.', 'representation.conv_dr_block.1.': 'global_pool.bn.',
+    'classifier.': 'fc.', 'features.0.': 'conv1.', 'features.1.': 'bn1.', 'features.4.': 'layer1.',
+    'features.5.': 'layer2.', 'features.6.': 'layer3.', 'features.7.': 'layer4.',
+}
+
+
+def official_layout(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """The layout of an official GCP ResNet checkpoint, from its head's and classifier's keys: 'mpncovresnet'
+    (fast-MPN-COV's model zoo), 'newmodel' (the `features` / `representation` / `classifier` model of its training
+    script, also DifferentiableSVD's), or None for any other checkpoint."""
+    if state_dict.keys() >= {'layer_reduce.weight', 'fc.weight'}:
+        return 'mpncovresnet'
+    return 'newmodel' if state_dict.keys() >= {'representation.conv_dr_block.0.weight', 'classifier.weight'} else None
+
+
+def remap_official(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An official checkpoint's tensors under GcpResNet's names; a DataParallel `features.module.` counts as
+    `features.`, and keys with no official counterpart stay as they are."""
+    remapped = {}
+    for key, value in state_dict.items():
+        key = key.replace('features.module.', 'features.', 1)
+        old = next((p for p in _OFFICIAL_PREFIXES if key.startswith(p)), '')
+        remapped[_OFFICIAL_PREFIXES.get(old, '') + key[len(old):]] = value
+    return remapped
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GcpResNet) -> Dict[str, torch.Tensor]:
+    """timm `pretrained_filter_fn` of GCP ResNets: an official checkpoint (`official_layout`), e.g. from
+    `pretrained_cfg_overlay=dict(file='mpncovresnet50.pth')`, is renamed and must fit the model (ValueError naming
+    missing, unexpected and misshapen keys); timm backbones and exports go to `backbone_filter_fn`."""
+    layout = official_layout(state_dict)
+    if layout is None:
+        return backbone_filter_fn(state_dict, model)
+    state_dict = remap_official(state_dict)
+    source = getattr(model, 'pretrained_cfg', {}).get('file') or 'the checkpoint'
+    _check_complete(model.state_dict(), state_dict, source, model, f'a {layout}-layout checkpoint')
+    return state_dict
+
+
 def _create_gcp_resnet(variant: str, pretrained: bool = False, **kwargs) -> GcpResNet:
     block, layers = _ARCHS[variant]
-    return build_gcp_model(GcpResNet, variant, pretrained, block=block, layers=layers, **kwargs)
+    return build_gcp_model(GcpResNet, variant, pretrained, checkpoint_filter_fn, block=block, layers=layers, **kwargs)
 
 
 @register_model
