@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from timm_gcp.training import create_dataloader, create_datasets, to_rgb
-from timm_gcp.training.data import ImageFolderDataset
+from timm_gcp.training.data import create_dataloader, create_datasets, to_rgb
 
 
 def _make_folder(root: Path, classes=('a', 'b'), per_class=3, size=24):
@@ -67,6 +66,15 @@ def test_folder_errors(tmp_path):
         create_datasets(str(root))
     with pytest.raises(ValueError, match='unsupported --dataset'):
         create_datasets(str(root), dataset='tfds/x')
+
+
+def test_classes_in_timms_natural_order_labelled_by_the_folder_holding_the_image(tmp_path):
+    root = _make_folder(tmp_path / 'd', classes=('c10', 'c9'), per_class=1)
+    (root / 'train' / 'c9' / 'sub').mkdir()
+    Image.new('RGB', (4, 4)).save(root / 'train' / 'c9' / 'sub' / 'x.png')  # in leaf folder 'sub': no class, left out
+    data = create_datasets(str(root))
+    assert data.class_names == ['c9', 'c10']                              # as timm's ImageDataset numbers them
+    assert [(Path(p).parent.name, t) for p, t in data.train.samples] == [('c9', 0), ('c10', 1)]
 
 
 def test_unreadable_images_skipped_and_flagged(tmp_path):
@@ -124,7 +132,8 @@ def test_decompression_bombs_and_images_over_the_pixel_limit_are_skipped(tmp_pat
 def test_training_augmentations_seeded_per_sample(tmp_path):
     root = _make_folder(tmp_path / 'd', size=40)
     tf = create_transform(16, is_training=True)
-    ds = ImageFolderDataset(root / 'train', ['a', 'b'], transform=tf, is_training=True, seed=3)
+    ds = create_datasets(str(root), seed=3).train
+    ds.transform = tf
     first = ds[2][0]
     torch.rand(100)                                                   # global RNG use elsewhere changes nothing
     assert torch.equal(ds[2][0], first)

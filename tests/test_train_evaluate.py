@@ -1,5 +1,5 @@
-"""The evaluation shared by train.py and Hub verification: top-k flags, flip-averaged logits, and `evaluate` without
-an accelerator against an independent count."""
+"""The evaluation shared by train.py and Hub verification: flip-averaged logits, and `evaluate` without an
+accelerator against an independent count (top-1 per image, top-5 capped at the number of classes)."""
 from pathlib import Path
 
 import pytest
@@ -8,15 +8,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from timm_gcp.training import create_dataloader, create_eval_dataset, evaluate, predict, topk_correct
-
-
-def test_topk_correct_flags_each_sample():
-    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
-    target = torch.tensor([1, 2, 0])
-    flags = topk_correct(logits, target, ks=(1, 2))
-    assert flags.tolist() == [[1., 1.], [0., 1.], [0., 0.]]
-    assert topk_correct(logits, target).tolist() == [[1., 1.], [0., 1.], [0., 1.]]  # k=5 capped at 3 classes
+from timm_gcp.training.data import create_dataloader, create_eval_dataset
+from timm_gcp.training.evaluate import evaluate, predict
 
 
 class _LeftHalfSum(nn.Module):
@@ -45,7 +38,7 @@ def test_eval_dataset_takes_the_models_class_order_and_flags_unreadable_images(t
     _write_images(tmp_path / 'val', ['a', 'b'])
     (tmp_path / 'val' / 'b' / 'broken.png').write_bytes(b'not an image')
     data = create_eval_dataset(tmp_path, label_names=['c', 'b', 'a'])      # val/ found inside the data dir
-    assert data.root == tmp_path / 'val'
+    assert {Path(p).parents[1] for p, _ in data.samples} == {tmp_path / 'val'}
     samples = [data[i] for i in range(len(data))]
     assert sorted((Path(p).parent.name, t) for p, t in data.samples) == [('a', 2), ('a', 2), ('b', 1), ('b', 1),
                                                                          ('b', 1)]
@@ -66,7 +59,7 @@ def test_evaluate_without_an_accelerator_counts_each_readable_image_once(tmp_pat
     # independent count: one image at a time, the unreadable one left out
     hits, losses = [], []
     for path, target in data.samples:
-        if path.name == 'broken.png':
+        if path.endswith('broken.png'):
             continue
         with torch.no_grad():
             logits = model(T.ToTensor()(Image.open(path).convert('RGB'))[None])
@@ -76,6 +69,13 @@ def test_evaluate_without_an_accelerator_counts_each_readable_image_once(tmp_pat
     assert result['top1'] == pytest.approx(100 * sum(hits) / 9)
     assert result['top5'] == 100.0                                      # 3 classes: always among the top 5
     assert result['val_loss'] == pytest.approx(sum(losses) / 9, rel=1e-5)
+    wide = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))
+    wide[-1].bias.data[3:] += 100                  # top-5 of 7: classes 3-6 and the best of 0-2, some targets out
+    with torch.no_grad():
+        top5 = [target in wide(T.ToTensor()(Image.open(path).convert('RGB'))[None]).topk(5).indices
+                for path, target in data.samples if not path.endswith('broken.png')]
+    assert 0 < sum(top5) < 9
+    assert evaluate(wide, create_dataloader(data, 4, False, 0))['top5'] == pytest.approx(100 * sum(top5) / 9)
 
 
 def test_hub_verification_reevaluates_with_the_training_reader(tmp_path):

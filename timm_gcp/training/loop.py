@@ -11,8 +11,6 @@ from tqdm.auto import tqdm
 from .checkpoint import TrainState
 from .errors import TrainingDiverged
 
-__all__ = ['TrainComponents', 'create_loss', 'train_one_epoch', 'base_lr']
-
 
 @dataclass
 class TrainComponents:
@@ -31,8 +29,7 @@ class TrainComponents:
 
 def create_loss(num_classes: int, smoothing: float, batch_size: int, **mixup_args: Any
                 ) -> Tuple[Callable, Optional[Mixup]]:
-    """The training loss and, when `mixup_args` (timm's `Mixup` keywords) enable mixup or cutmix, timm's Mixup (soft
-    targets, smoothing applied there)."""
+    """The training loss and, when `mixup_args` (timm's `Mixup` keywords) enable mixup or cutmix, timm's Mixup."""
     if mixup_args.get('mixup_alpha', 0.) <= 0 and mixup_args.get('cutmix_alpha', 0.) <= 0:
         return (LabelSmoothingCrossEntropy(smoothing) if smoothing else nn.CrossEntropyLoss()), None
     if batch_size % 2:
@@ -40,27 +37,17 @@ def create_loss(num_classes: int, smoothing: float, batch_size: int, **mixup_arg
     return SoftTargetCrossEntropy(), Mixup(**mixup_args, label_smoothing=smoothing, num_classes=num_classes)
 
 
-def _is_divergence(err: Exception) -> bool:
-    """Whether a failure in the forward or backward pass is what exploding weights cause (non-finite or
-    overflowing covariances reaching a meta-layer)."""
-    return isinstance(err, torch.linalg.LinAlgError) or 'non-finite' in str(err)
-
-
 def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState, total_batches: int,
                     on_update: Callable[[], bool], progress: bool = True) -> None:
-    """Train over `loader` (the epoch's remaining batches), advancing `state` after every optimizer update.
-
-    `on_update()` runs after each update (checkpoints, logging); returning True stops the epoch early. A loss that is
-    non-finite (on any process) for `max_nonfinite_updates` updates in a row raises TrainingDiverged, and so does a
-    meta-layer failing on a non-finite covariance.
-    """
+    """Train over `loader` (the epoch's remaining batches), advancing `state` and calling `on_update()` (True: stop
+    the epoch) after every optimizer update. TrainingDiverged after `max_nonfinite_updates` non-finite losses in a
+    row (on any process) or a meta-layer failing on a non-finite covariance."""
     acc, model = parts.accelerator, parts.model
     model.train()
     loss_sum = torch.zeros((), device=acc.device)
-    bar = tqdm(total=total_batches, initial=state.batches_done, disable=not (progress and acc.is_main_process),
-               desc=f'epoch {state.epoch}', leave=False, dynamic_ncols=True)
     batches, nonfinite = state.batches_done, 0
-    for x, y, unreadable in loader:
+    for x, y, unreadable in tqdm(loader, total=total_batches, initial=batches, desc=f'epoch {state.epoch}',
+                                 disable=not (progress and acc.is_main_process), leave=False, dynamic_ncols=True):
         if parts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if parts.mixup is not None:
@@ -69,8 +56,8 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
             try:
                 loss = parts.loss_fn(model(x), y)
                 acc.backward(loss)
-            except (ValueError, RuntimeError) as err:
-                if not _is_divergence(err):
+            except (ValueError, RuntimeError) as err:  # a meta-layer failing on a non-finite covariance diverged
+                if not isinstance(err, torch.linalg.LinAlgError) and 'non-finite' not in str(err):
                     raise
                 raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates + 1} '
                                        f'({str(err).splitlines()[0]})') from err
@@ -82,12 +69,10 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
         loss_sum += loss.detach().float() * x.shape[0]
         state.train_samples += x.shape[0]
         state.unreadable_train += int(unreadable.sum())
-        bar.update()
         if acc.sync_gradients:
             state.updates += 1
             state.batches_done = batches
-            update_loss = acc.reduce(loss_sum, 'sum') if acc.num_processes > 1 else loss_sum  # same on every process
-            nonfinite = 0 if torch.isfinite(update_loss) else nonfinite + 1
+            nonfinite = 0 if torch.isfinite(acc.reduce(loss_sum, 'sum')) else nonfinite + 1  # same on every process
             if nonfinite >= parts.max_nonfinite_updates:
                 raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates} (loss '
                                        f'{float(loss):g} for {nonfinite} updates in a row)')
@@ -98,7 +83,6 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState,
                 parts.ema.update(acc.unwrap_model(model, keep_torch_compile=False), step=state.updates)
             if nonfinite == 0 and on_update():
                 break
-    bar.close()
 
 
 def base_lr(optimizer: Any) -> float:
