@@ -358,8 +358,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
     from timm_gcp.training.loop import TrainComponents, base_lr, create_loss, train_one_epoch
     from timm_gcp.training.metrics import finite_or_none, metrics_for_card, write_run_metrics
     from timm_gcp.training.model import (
-        check_input_size, check_meta_layer_switch, create_train_model, nonfinite_tensors, set_meta_layer)
-    from timm_gcp.training.optim import param_groups
+        check_input_size, check_meta_layer_switch, create_train_model, nonfinite_tensors, param_groups, set_meta_layer)
 
     def check_finite(model: torch.nn.Module, where: str) -> None:
         bad = nonfinite_tensors(model)

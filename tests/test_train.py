@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import timm_gcp  # noqa: F401
 from timm_gcp.meta_layers import MetaLayer, is_meta_layer, register_meta_layer
-from timm_gcp.training import CheckpointError, read_train_state
+from timm_gcp.training.checkpoint import read_train_state
+from timm_gcp.training.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--recipe', 'none', '--model', 'gcp_resnet18', '--model-kwargs', 'gcp_dim=8', '--img-size', '32', '-b', '4',
@@ -109,7 +110,7 @@ def test_end_to_end_flowers(run_train, flowers, tmp_path, capsys):
 
 def _val_set(root: Path, data_config):
     from timm.data import create_transform
-    from timm_gcp.training import create_datasets
+    from timm_gcp.training.data import create_datasets
     data = create_datasets(str(root))
     data.val.transform = create_transform(**data_config)
     return data.val

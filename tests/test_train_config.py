@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 import timm_gcp  # noqa: F401
 from timm_gcp.training.data import create_transforms
-from timm_gcp.training.optim import param_groups
+from timm_gcp.training.model import param_groups
 from train import (
     DEFAULT_RECIPE, build_parser, command_line, create_scheduler, list_recipes, load_recipe, parse_config,
     parse_meta_layer_switch, public_command, public_flags)
