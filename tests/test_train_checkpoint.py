@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_gcp.training import (
-    Checkpointer, CheckpointError, TrainState, check_compatible, consolidate_counters, find_checkpoint,
-    read_train_state, select_checkpoint, validate_checkpoint)
+from timm_gcp.training.checkpoint import (
+    Checkpointer, TrainState, check_compatible, consolidate_counters, read_train_state, select_checkpoint)
+from timm_gcp.training.errors import CheckpointError
 
 
 class OneProcess:
@@ -45,9 +45,9 @@ def test_checkpoints_are_atomic_pruned_and_latest_is_found(tmp_path):
     for updates, epoch in ((2, 0), (4, 0), (6, 1)):
         saver.save(TrainState(epoch=epoch, updates=updates, batches_done=updates % 6))
     assert _names(tmp_path) == ['checkpoint-u000000004-e0000', 'checkpoint-u000000006-e0001']
-    latest = find_checkpoint(str(tmp_path))
-    assert latest.name == 'checkpoint-u000000006-e0001' and read_train_state(latest).epoch == 1
-    assert find_checkpoint(str(latest)) == latest
+    latest, state, skipped = select_checkpoint(str(tmp_path))
+    assert latest.name == 'checkpoint-u000000006-e0001' and state.epoch == 1 and not skipped
+    assert read_train_state(latest).epoch == 1 and select_checkpoint(str(latest))[0] == latest
 
 
 def test_resuming_from_an_earlier_checkpoint_drops_its_stale_future(tmp_path):
@@ -56,7 +56,7 @@ def test_resuming_from_an_earlier_checkpoint_drops_its_stale_future(tmp_path):
         saver.save(TrainState(updates=updates, batches_done=updates))
     saver.save(TrainState(updates=4, batches_done=4, history=[{'resumed': True}]))  # continued from update 2
     assert _names(tmp_path) == ['checkpoint-u000000002-e0000', 'checkpoint-u000000004-e0000']
-    assert read_train_state(find_checkpoint(str(tmp_path))).history == [{'resumed': True}]
+    assert select_checkpoint(str(tmp_path))[1].history == [{'resumed': True}]
 
 
 def test_incompatible_checkpoint_names_every_difference(tmp_path):
@@ -67,27 +67,29 @@ def test_incompatible_checkpoint_names_every_difference(tmp_path):
         check_compatible(saved, {'model': 'gcp_resnet18', 'num_classes': 37, 'model_kwargs': {}}, tmp_path)
 
 
-class SecondOfTwo(OneProcess):
-    """Process 1 of 2, whose peer holds the same local counters."""
-    is_main_process = False
+class FirstOfTwo(OneProcess):
+    """Process 0 of 2, whose peer holds the same local counters."""
     num_processes = 2
 
     def reduce(self, tensor, reduction):
         return tensor * 2
 
 
-def test_resumed_counters_are_counted_once_across_processes(tmp_path):
-    """The checkpoint holds the sum over all processes: on resume only the main process starts from it."""
-    Checkpointer(OneProcess(), tmp_path).save(TrainState(train_loss_sum=6., train_samples=12, unreadable_train=1))
-    checkpoint = find_checkpoint(str(tmp_path))
-    main = read_train_state(checkpoint, OneProcess())
-    other = read_train_state(checkpoint, SecondOfTwo())
-    assert (main.train_loss_sum, main.train_samples, main.unreadable_train) == (6., 12, 1)
-    assert (other.train_loss_sum, other.train_samples, other.unreadable_train) == (0., 0, 0)
-    assert read_train_state(checkpoint).train_samples == 12
-    other.train_samples = 4                                       # batches seen after the resume
+class SecondOfTwo(FirstOfTwo):
+    is_main_process = False
+
+
+def test_checkpointed_counters_are_the_sum_over_processes_kept_once(tmp_path):
+    """The checkpoint holds the running counters summed over all processes; only the main process keeps the sum
+    (train.py zeroes them on the other processes of a resumed run)."""
+    state = TrainState(train_loss_sum=3., train_samples=6, unreadable_train=1)
+    checkpoint = Checkpointer(FirstOfTwo(), tmp_path).save(state)
+    saved = read_train_state(checkpoint)
+    assert (saved.train_loss_sum, saved.train_samples, saved.unreadable_train) == (6., 12, 2)
+    assert (state.train_loss_sum, state.train_samples, state.unreadable_train) == (6., 12, 2)
+    other = TrainState(train_loss_sum=3., train_samples=6, unreadable_train=1)
     consolidate_counters(SecondOfTwo(), other)
-    assert other.train_samples == 0                               # only the main process keeps the total
+    assert (other.train_loss_sum, other.train_samples, other.unreadable_train) == (0., 0, 0)
 
 
 class Touch:
@@ -133,14 +135,12 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_intact_one(tmp_path
         path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     else:
         path.unlink()
-    with pytest.raises(CheckpointError, match=re.escape(str(path))):
-        validate_checkpoint(latest)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):  # asked for by name: an error
+        select_checkpoint(str(latest))
     chosen, state, skipped = select_checkpoint(str(tmp_path))
     assert chosen == older and state.updates == 2
     if (latest / 'trainer_state.json').exists():  # else the folder is no checkpoint at all
         assert len(skipped) == 1 and str(path) in skipped[0]
-        with pytest.raises(CheckpointError, match=re.escape(str(path))):  # asked for by name: an error
-            select_checkpoint(str(latest))
         assert latest.exists() and older.exists()  # nothing pruned until the resumed run has saved
         resumed = saver.save(TrainState(updates=3))
         assert _names(tmp_path) == [older.name, resumed.name]
@@ -152,7 +152,7 @@ def test_a_checkpoint_records_and_checks_every_file(tmp_path):
     assert sorted(files) == ['model.safetensors', 'optimizer.bin', 'random_states_0.pkl']
     torch.save({'state': {}, 'param_groups': [{'lr': 1.0}]}, checkpoint / 'optimizer.bin')  # valid, but not ours
     with pytest.raises(CheckpointError, match='optimizer.bin is corrupt: its size or SHA-256 differs'):
-        validate_checkpoint(checkpoint)
+        select_checkpoint(str(checkpoint))
 
 
 def test_a_random_state_without_the_generators_is_an_error(tmp_path):
@@ -162,7 +162,7 @@ def test_a_random_state_without_the_generators_is_an_error(tmp_path):
     state['files'].pop('random_states_0.pkl')
     (checkpoint / 'trainer_state.json').write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match='random_states_0.pkl cannot be read safely: expected a mapping'):
-        validate_checkpoint(checkpoint)
+        select_checkpoint(str(checkpoint))
 
 
 def test_checkpoint_files_get_the_users_permissions(tmp_path):
@@ -181,6 +181,6 @@ def test_a_non_finite_running_loss_is_checkpointed_as_null_and_read_back(tmp_pat
                                                                       train_samples=8))
     text = (checkpoint / 'trainer_state.json').read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in trainer_state.json'))
-    state = validate_checkpoint(checkpoint)
+    state = select_checkpoint(str(checkpoint))[1]
     assert math.isnan(state.train_loss_sum) and state.train_samples == 8
     assert math.isnan(read_train_state(checkpoint).train_loss_sum)

@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 
 from test_train import (  # noqa: F401 (fixtures)
     ROOT, SUBPROCESS_ENV, TINY, _start, _subset, in_process, run_train, train_script)
-from test_train_checkpoint import Touch
-from timm_gcp.training import (
-    EXIT_CHECKPOINT, EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT_IN_USE, EXIT_USAGE, CheckpointError, OutputInUse, RunLock,
-    TrainingDiverged, read_train_state)
+from test_train_checkpoint import OneProcess, SecondOfTwo, Touch
+from timm_gcp.training.checkpoint import read_train_state
+from timm_gcp.training.errors import (
+    EXIT_DATA, EXIT_USAGE, CheckpointError, OutputInUse, TrainingDiverged, exit_code_of, user_errors)
+from timm_gcp.training.run_lock import own_run_dir
+
+EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_OUTPUT_IN_USE = 4, 5, 6  # as docs/training.md documents them
 
 SECRET = 'home-of-jdoe-4711'  # stands for a user name / private mount point in every local path of these runs
 
@@ -118,17 +121,35 @@ def test_divergence_with_an_exact_meta_layer_is_reported_as_divergence(run_train
 
 def test_run_lock_names_its_holder_and_is_released(tmp_path):
     run_dir = tmp_path / 'run'
-    with RunLock(run_dir):
+    with own_run_dir(OneProcess(), run_dir, resuming=False):
         with pytest.raises(OutputInUse, match=rf'{run_dir} is in use by another run \({{"pid": {os.getpid()}, '
                                               r'"host": .*"started": '):
-            RunLock(run_dir).acquire()
+            with own_run_dir(OneProcess(), run_dir, resuming=True):
+                pass
         (run_dir / 'metrics.json').write_text('{}')
-    with RunLock(run_dir):                                               # released: free again
+    with own_run_dir(OneProcess(), run_dir, resuming=False):            # released: free again
         pass
     assert (run_dir / 'metrics.json').exists()
-    with RunLock(tmp_path / 'runs' / 'unused'):
+    with own_run_dir(OneProcess(), tmp_path / 'runs' / 'unused', resuming=False):
         pass
     assert not (tmp_path / 'runs').exists()                              # folders it made and nothing used
+
+
+def test_a_new_run_in_a_folder_holding_a_run_is_refused_on_every_process(tmp_path, monkeypatch):
+    run_dir = tmp_path / 'run'
+    (run_dir / 'checkpoints' / 'checkpoint-u000000002-e0000').mkdir(parents=True)
+    with pytest.raises(OutputInUse, match=rf'{run_dir} already holds a run: continue it with --resume {run_dir}'):
+        with own_run_dir(OneProcess(), run_dir, resuming=False):
+            pass
+    assert exit_code_of(OutputInUse()) == EXIT_OUTPUT_IN_USE and isinstance(OutputInUse(), FileExistsError)
+    with own_run_dir(OneProcess(), run_dir, resuming=True):             # --resume: continued, not refused
+        pass
+    assert sorted(p.name for p in run_dir.iterdir()) == ['.run.lock', 'checkpoints']
+    import accelerate.utils                                              # the main process's verdict, broadcast
+    monkeypatch.setattr(accelerate.utils, 'broadcast_object_list', lambda objects: ['refused by the main process'])
+    with pytest.raises(OutputInUse, match='refused by the main process'):
+        with own_run_dir(SecondOfTwo(), run_dir, resuming=True):
+            pass
 
 
 @pytest.mark.slow
@@ -165,6 +186,23 @@ def test_user_errors_are_one_line_with_an_exit_code(train_script, tiny_flowers, 
     with pytest.raises(FileNotFoundError, match='does not exist'):     # --debug: the traceback of a user error
         in_process(train_script.cli, [*base, *cases[2][0], '--debug'])
     assert not (tmp_path / 'out').exists()
+
+
+def test_user_errors_keep_their_type_and_the_first_code():
+    with pytest.raises(FileNotFoundError) as info:                     # callers still catch the built-in type
+        with user_errors(EXIT_USAGE):
+            with user_errors(EXIT_DATA):
+                raise FileNotFoundError('data/train does not exist')
+    assert exit_code_of(info.value) == EXIT_DATA                         # the stage it came from
+    with pytest.raises(CheckpointError) as info:
+        with user_errors(EXIT_USAGE):
+            raise CheckpointError('corrupt')
+    assert exit_code_of(info.value) == EXIT_CHECKPOINT                   # its own code, not the stage's
+    assert exit_code_of(TrainingDiverged()) == EXIT_DIVERGED
+    with pytest.raises(ZeroDivisionError) as info:                     # a bug: no code, so its traceback shows
+        with user_errors(EXIT_USAGE):
+            raise ZeroDivisionError
+    assert exit_code_of(info.value) is None
 
 
 @pytest.mark.slow

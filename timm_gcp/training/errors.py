@@ -1,54 +1,38 @@
-"""What train.py reports as a user error (one line on stderr, an exit code per kind) rather than a bug.
-
-A user error keeps its Python type (ValueError, FileNotFoundError, ...) so that callers of `main()` can catch it as
-usual; the stage it came from marks it with an exit code, which the command line turns into a clean exit.
-"""
+"""User errors of train.py: one line on stderr and an exit code per kind (docs/training.md#errors-and-exit-codes).
+They keep their built-in types, so callers of `main()` catch them as usual; `user_errors` marks them with a code."""
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple, Type
+from typing import Iterator, Optional
 
-__all__ = ['EXIT_USAGE', 'EXIT_DATA', 'EXIT_CHECKPOINT', 'EXIT_DIVERGED', 'EXIT_OUTPUT_IN_USE', 'CheckpointError',
-           'TrainingDiverged', 'OutputInUse', 'user_errors', 'exit_code_of']
-
-EXIT_USAGE = 2           # bad flags, recipe, config or model (argparse uses 2 too)
-EXIT_DATA = 3            # missing or malformed data set
-EXIT_CHECKPOINT = 4      # nothing valid to resume from, or a checkpoint that does not fit the run
-EXIT_DIVERGED = 5        # non-finite loss for several updates in a row
-EXIT_OUTPUT_IN_USE = 6   # another run holds --output, or a new run would start in a folder that holds a run
-# interrupted by signal N (SIGINT, SIGTERM): checkpoint saved, exit 128 + N
-
-_USER_ERROR_TYPES: Tuple[Type[BaseException], ...] = (ValueError, OSError, KeyError, TypeError)
-_ATTR = 'train_exit_code'
+EXIT_USAGE = 2  # bad flags, recipe, config or model (argparse uses 2 too)
+EXIT_DATA = 3   # missing or malformed data set
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, unsafe to load or incompatible with the run."""
+    """Nothing valid to resume from, or a checkpoint that is corrupt, unsafe to load or does not fit the run."""
+    train_exit_code = 4
 
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for too many updates."""
+    train_exit_code = 5
 
 
-class OutputInUse(RuntimeError):
-    """Another run holds the lock of the run folder."""
+class OutputInUse(FileExistsError):
+    """Another run holds the run folder, or a new run would start in a folder that holds a run."""
+    train_exit_code = 6
 
 
 def exit_code_of(err: BaseException) -> Optional[int]:
     """The exit code of a user error, None for anything else (a bug: keep its traceback)."""
-    if isinstance(err, TrainingDiverged):
-        return EXIT_DIVERGED
-    if isinstance(err, OutputInUse):
-        return EXIT_OUTPUT_IN_USE
-    if isinstance(err, CheckpointError):
-        return EXIT_CHECKPOINT
-    return getattr(err, _ATTR, None)
+    return getattr(err, 'train_exit_code', None)
 
 
 @contextmanager
-def user_errors(code: int, types: Tuple[Type[BaseException], ...] = _USER_ERROR_TYPES) -> Iterator[None]:
-    """Mark the user errors (`types`) raised in the body with exit code `code`, unless already marked."""
+def user_errors(code: int) -> Iterator[None]:
+    """Mark the built-in user errors raised in the body with exit code `code`, unless already marked."""
     try:
         yield
-    except types as err:
+    except (ValueError, OSError, KeyError, TypeError) as err:
         if exit_code_of(err) is None:
-            setattr(err, _ATTR, code)
+            err.train_exit_code = code
         raise
