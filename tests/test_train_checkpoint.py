@@ -28,7 +28,8 @@ class OneProcess:
     def wait_for_everyone(self):
         pass
 
-    def save_state(self, output_dir):  # the files accelerate writes, with the loaders it reads them with
+    def save_state(self, output_dir):  # the folder and files accelerate writes, with the loaders it reads them with
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
         save_file({'w': torch.ones(3)}, str(Path(output_dir) / 'model.safetensors'))
         torch.save({'state': {}, 'param_groups': []}, Path(output_dir) / 'optimizer.bin')
         torch.save({'random_state': (3, (1, 2), None), 'numpy_random_seed': ('MT19937', [1, 2], 0, 0, 0.0),

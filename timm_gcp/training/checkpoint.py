@@ -57,7 +57,7 @@ def read_train_state(checkpoint_dir: Path) -> TrainState:
     """The TrainState of a checkpoint folder, its counters summed over all processes (the files are not checked)."""
     path = Path(checkpoint_dir) / STATE_FILE
     try:
-        state = TrainState(**json.loads(path.read_text()))  # TypeError on unknown or missing keys
+        state = TrainState(**json.loads(path.read_text()))  # TypeError on an unknown key
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f'{path} is not a valid trainer state: {err}') from None
     if state.train_loss_sum is None:  # strict JSON holds a non-finite sum as null
@@ -155,9 +155,8 @@ class Checkpointer:
         if acc.is_main_process:
             for stale in folder.glob('.tmp-*'):  # left by a run killed while saving (the run lock is ours)
                 shutil.rmtree(stale)
-            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        acc.save_state(str(tmp))  # makes the folder
         acc.wait_for_everyone()
         if acc.is_main_process:
             if self.ema is not None:
