@@ -1,5 +1,6 @@
 """The evaluation shared by train.py and Hub verification: flip-averaged logits, and `evaluate` without an
 accelerator against an independent count (top-1 per image, top-5 capped at the number of classes)."""
+import math
 from pathlib import Path
 
 import pytest
@@ -9,19 +10,29 @@ from torch import nn
 from torchvision import transforms as T
 
 from timm_gcp.training.data import create_dataloader, create_eval_dataset
-from timm_gcp.training.evaluate import evaluate, predict
+from timm_gcp.training.evaluate import evaluate
 
 
 class _LeftHalfSum(nn.Module):
+    """bfloat16 logits (sum of the left half of the image, 0); a parameter only to tell evaluate the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.device_marker = nn.Parameter(torch.zeros(()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., : x.shape[-1] // 2].sum(dim=(1, 2, 3))[:, None].to(torch.bfloat16)
+        left = x[..., : x.shape[-1] // 2].sum(dim=(1, 2, 3))
+        return torch.stack([left, torch.zeros_like(left)], 1).to(torch.bfloat16)
 
 
-def test_predict_averages_mirror_logits_in_float32():
-    x = torch.arange(8.).reshape(1, 1, 1, 8)
-    model = _LeftHalfSum()
-    assert predict(model, x).dtype == torch.float32 and predict(model, x).item() == 6.0
-    assert predict(model, x, flip_test=True).item() == (6.0 + 22.0) / 2
+def test_evaluate_averages_mirror_logits_in_float32():
+    x = torch.arange(8.).reshape(1, 1, 1, 8) / 4          # left half sums to 1.5, right half to 5.5
+    batches = [(x, torch.tensor([1]), torch.tensor([0]))]
+    plain = evaluate(_LeftHalfSum(), batches)
+    assert plain['val_loss'] == pytest.approx(math.log1p(math.exp(1.5)), rel=1e-6)  # float32 loss of logits (1.5, 0)
+    flipped = evaluate(_LeftHalfSum(), batches, flip_test=True)                      # (1.5 + 5.5) / 2 = 3.5
+    assert flipped['val_loss'] == pytest.approx(math.log1p(math.exp(3.5)), rel=1e-6)
+    assert plain['top1'] == flipped['top1'] == 0.0 and plain['top5'] == 100.0
 
 
 def _write_images(root, classes, per_class=2):

@@ -4,10 +4,9 @@ import io
 import logging
 import random
 import warnings
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,13 +19,12 @@ from torch.utils.data import DataLoader, Dataset
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb warning threshold (about 9459 x 9459)
 _MAX_SUBSTITUTIONS = 16
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any image as RGB (grayscale, CMYK, palette, 16-bit...); transparent areas become white."""
-    if img.has_transparency_data:
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
         return Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA')).convert('RGB')
     return img if img.mode == 'RGB' else img.convert('RGB')
 
@@ -43,21 +41,6 @@ def _open_rgb(source: Any, max_pixels: Optional[int]) -> Image.Image:
             return to_rgb(img)
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run the body with python's, numpy's (timm's RandAugment) and torch's global RNGs seeded, then put all back."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
 @dataclass(eq=False)  # hashed by identity, as torch datasets are
 class ImageDataset(Dataset):
     """`samples[i]` -> (path or file object, target), decoded under our policies (docs/training.md, Data)."""
@@ -66,7 +49,7 @@ class ImageDataset(Dataset):
     name: str
     is_training: bool = False
     seed: int = 0
-    max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS
+    max_image_pixels: Optional[int] = Image.MAX_IMAGE_PIXELS
     transform: Optional[Callable] = None
     epoch: int = 0
 
@@ -78,7 +61,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int, int]:
         """(image, target, unreadable): an unreadable image is logged and replaced by the next readable one in
-        training, by a blank placeholder (target -1) in evaluation; training augmentations seeded per sample."""
+        training, by a blank placeholder (target -1) in evaluation; augmentations seeded per (seed, epoch, index)."""
         for step in range(_MAX_SUBSTITUTIONS + 1 if self.is_training else 1):
             source, target = self.samples[(index + step) % len(self)]
             try:
@@ -91,14 +74,21 @@ class ImageDataset(Dataset):
             if self.is_training:
                 raise RuntimeError(f'{step + 1} consecutive unreadable images in {self.name} from {index} on')
             img, target = Image.new('RGB', (32, 32)), -1
-        with _seeded((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) if self.is_training else nullcontext():
-            return self.transform(img) if self.transform else img, target, int(step > 0 or target < 0)
+        seed = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # python's, numpy's (timm's RandAugment) and torch's RNGs: put back
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            img = self.transform(img) if self.transform else img
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return img, target, int(step > 0 or target < 0)
 
 
 def _index_folder(split_dir: Path, class_names: Optional[Sequence[str]] = None) -> Tuple[List, List[str]]:
-    """(path, target) samples of `split_dir/<class>/<image>` found by timm (the label is the folder holding the
-    image), and the classes: `class_names` or the class folders in timm's (natural) order, each checked to hold
-    images."""
+    """timm's (path, target) samples of `split_dir/<class>/<image>` and the classes (`class_names`, default: the class
+    folders in timm's natural order), each class folder checked to hold images."""
     if not split_dir.is_dir():
         raise FileNotFoundError(f'{split_dir} does not exist; expected <data-dir>/<split>/<class>/<image>')
     folders = sorted((p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.')),
@@ -119,8 +109,7 @@ def _index_folder(split_dir: Path, class_names: Optional[Sequence[str]] = None) 
 
 
 class _HfSamples:
-    """(image bytes or path, label) rows of a split of a Hugging Face dataset with one Image and one ClassLabel column
-    (a missing `val` split falls back to `validation`)."""
+    """(image bytes or path, label) rows of a split (`val` falls back to `validation`) of a Hugging Face dataset."""
 
     def __init__(self, dataset_dict: Any, name: str, split: str):
         key = 'validation' if split == 'val' and 'val' not in dataset_dict else split
@@ -143,16 +132,11 @@ class _HfSamples:
         return io.BytesIO(image['bytes']) if image.get('bytes') else image['path'], int(row[self.label_key])
 
 
-@dataclass
-class DataBundle:
-    """Train and validation datasets and the class names they share."""
-    train: ImageDataset
-    val: ImageDataset
-    class_names: List[str]
+DataBundle = NamedTuple('DataBundle', [('train', ImageDataset), ('val', ImageDataset), ('class_names', List[str])])
 
 
 def create_datasets(data_dir: Optional[str], dataset: str = '', train_split: str = 'train', val_split: str = 'val',
-                    seed: int = 0, max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> DataBundle:
+                    seed: int = 0, max_image_pixels: Optional[int] = Image.MAX_IMAGE_PIXELS) -> DataBundle:
     """Check and index the data (before any model is built); transforms are attached later. Images over
     `max_image_pixels` (None: no limit) count as unreadable."""
     if max_image_pixels is not None and max_image_pixels < 1:
@@ -163,10 +147,8 @@ def create_datasets(data_dir: Optional[str], dataset: str = '', train_split: str
         except ImportError as err:
             raise ImportError('--dataset hfds/NAME needs the `datasets` package: pip install "timm-gcp[hfds]"') from err
         name = dataset[len('hfds/'):]  # a `save_to_disk` folder, a local data folder, or a Hub id from the cache
-        if (Path(name) / 'dataset_dict.json').is_file():
-            splits = datasets.load_from_disk(name)
-        else:
-            splits = datasets.load_dataset(name, cache_dir=data_dir)
+        splits = (datasets.load_from_disk(name) if (Path(name) / 'dataset_dict.json').is_file()
+                  else datasets.load_dataset(name, cache_dir=data_dir))
         train, val = (_HfSamples(splits, name, split) for split in (train_split, val_split))
         train_classes, val_classes = train.class_names, val.class_names
     elif dataset:
@@ -187,7 +169,7 @@ def create_datasets(data_dir: Optional[str], dataset: str = '', train_split: str
 
 
 def create_eval_dataset(data_dir: Union[str, Path], label_names: Optional[Sequence[str]] = None,
-                        max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> ImageDataset:
+                        max_image_pixels: Optional[int] = Image.MAX_IMAGE_PIXELS) -> ImageDataset:
     """The validation images of `data_dir` (its `val/` or `validation/` folder, else `data_dir` itself), targets in
     the order of `label_names` (a model's classes; default: the class folders), unreadable images flagged."""
     data_dir = Path(data_dir)

@@ -8,18 +8,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def predict(model: nn.Module, x: torch.Tensor, flip_test: bool = False) -> torch.Tensor:
-    """float32 logits of `x`, or with `flip_test` the mean of the logits of `x` and of its mirror image."""
-    logits = model(x).float()
-    return (logits + model(x.flip(3)).float()) / 2 if flip_test else logits
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, accelerator: Optional[Any] = None, flip_test: bool = False,
              channels_last: bool = False, progress: bool = False) -> Dict[str, float]:
-    """Loss and top-1/top-5 (%) over the readable images of `loader`, unreadable ones counted apart. With an
-    `accelerator` (a prepared loader) each image counts once across processes (`gather_for_metrics` drops the
-    padding of the last batches) under its autocast; without one, batches go to the model's device."""
+    """Loss and top-1/top-5 (%) of the float32 logits (`flip_test`: averaged with the mirror image's) over the readable
+    images of `loader`, unreadable ones counted apart. With an `accelerator` (a prepared loader) each image counts
+    once across processes (`gather_for_metrics`) under its autocast; without one, batches go to the model's device."""
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     show = progress and (accelerator is None or accelerator.is_main_process)
@@ -29,7 +23,9 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator: Optional[Any] = No
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast() if accelerator is not None else nullcontext():
-            logits = predict(model, x, flip_test)
+            logits = model(x).float()
+            if flip_test:
+                logits = (logits + model(x.flip(3)).float()) / 2
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         per_image = torch.stack([F.cross_entropy(logits, y, reduction='none'), hits[:, 0], hits.any(1)], 1)
         if accelerator is not None:

@@ -1,5 +1,4 @@
-"""One training epoch under accelerate."""
-from dataclasses import dataclass
+"""One training epoch under accelerate, its loss and the scheduled learning rate."""
 from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
@@ -12,21 +11,6 @@ from .checkpoint import TrainState
 from .errors import TrainingDiverged
 
 
-@dataclass
-class TrainComponents:
-    """What a training step needs; `ema`, `mixup`, `clip_grad` optional."""
-    accelerator: Any
-    model: nn.Module
-    optimizer: Any
-    scheduler: Any
-    loss_fn: Callable
-    mixup: Optional[Callable] = None
-    ema: Optional[nn.Module] = None
-    clip_grad: Optional[float] = None
-    channels_last: bool = False
-    max_nonfinite_updates: int = 3
-
-
 def create_loss(num_classes: int, smoothing: float, batch_size: int, **mixup_args: Any
                 ) -> Tuple[Callable, Optional[Mixup]]:
     """The training loss and, when `mixup_args` (timm's `Mixup` keywords) enable mixup or cutmix, timm's Mixup."""
@@ -37,50 +21,54 @@ def create_loss(num_classes: int, smoothing: float, batch_size: int, **mixup_arg
     return SoftTargetCrossEntropy(), Mixup(**mixup_args, label_smoothing=smoothing, num_classes=num_classes)
 
 
-def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainState, total_batches: int,
-                    on_update: Callable[[], bool], progress: bool = True) -> None:
+def train_one_epoch(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, loss_fn: Callable,
+                    loader: Iterable, state: TrainState, total_batches: int, on_update: Callable[[], bool],
+                    mixup: Optional[Callable] = None, ema: Optional[nn.Module] = None,
+                    clip_grad: Optional[float] = None, channels_last: bool = False, max_nonfinite_updates: int = 3,
+                    progress: bool = True) -> None:
     """Train over `loader` (the epoch's remaining batches), advancing `state` and calling `on_update()` (True: stop
     the epoch) after every optimizer update. TrainingDiverged after `max_nonfinite_updates` non-finite losses in a
     row (on any process) or a meta-layer failing on a non-finite covariance."""
-    acc, model = parts.accelerator, parts.model
     model.train()
-    loss_sum = torch.zeros((), device=acc.device)
+    loss_sum = torch.zeros((), device=accelerator.device)
     batches, nonfinite = state.batches_done, 0
+    show = progress and accelerator.is_main_process
     for x, y, unreadable in tqdm(loader, total=total_batches, initial=batches, desc=f'epoch {state.epoch}',
-                                 disable=not (progress and acc.is_main_process), leave=False, dynamic_ncols=True):
-        if parts.channels_last:
+                                 disable=not show, leave=False, dynamic_ncols=True):
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if parts.mixup is not None:
-            x, y = parts.mixup(x, y)
-        with acc.accumulate(model):
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with accelerator.accumulate(model):
             try:
-                loss = parts.loss_fn(model(x), y)
-                acc.backward(loss)
+                loss = loss_fn(model(x), y)
+                accelerator.backward(loss)
             except (ValueError, RuntimeError) as err:  # a meta-layer failing on a non-finite covariance diverged
                 if not isinstance(err, torch.linalg.LinAlgError) and 'non-finite' not in str(err):
                     raise
                 raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates + 1} '
                                        f'({str(err).splitlines()[0]})') from err
-            if acc.sync_gradients and parts.clip_grad:
-                acc.clip_grad_norm_(model.parameters(), parts.clip_grad)
-            parts.optimizer.step()
-            parts.optimizer.zero_grad()
+            if accelerator.sync_gradients and clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad()
         batches += 1
         loss_sum += loss.detach().float() * x.shape[0]
         state.train_samples += x.shape[0]
         state.unreadable_train += int(unreadable.sum())
-        if acc.sync_gradients:
+        if accelerator.sync_gradients:
             state.updates += 1
             state.batches_done = batches
-            nonfinite = 0 if torch.isfinite(acc.reduce(loss_sum, 'sum')) else nonfinite + 1  # same on every process
-            if nonfinite >= parts.max_nonfinite_updates:
+            finite = torch.isfinite(accelerator.reduce(loss_sum, 'sum'))  # the same on every process
+            nonfinite = 0 if finite else nonfinite + 1
+            if nonfinite >= max_nonfinite_updates:
                 raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates} (loss '
                                        f'{float(loss):g} for {nonfinite} updates in a row)')
             state.train_loss_sum += float(loss_sum)
             loss_sum.zero_()
-            parts.scheduler.step_update(num_updates=state.updates)
-            if parts.ema is not None:
-                parts.ema.update(acc.unwrap_model(model, keep_torch_compile=False), step=state.updates)
+            scheduler.step_update(num_updates=state.updates)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.updates)
             if nonfinite == 0 and on_update():
                 break
 

@@ -19,12 +19,10 @@ def write_run_metrics(accelerator: Any, run_dir: Path, run_info: Dict[str, Any],
                       history: List[Dict[str, Any]]) -> Dict[str, Any]:
     """`run_info` (model, command, data, ...) with the final and best (top-1) epochs and the `history`; the main
     process writes it to `run_dir/metrics.json` as strict JSON, atomically (temporary file, then rename)."""
-    metrics = dict(run_info)
-    if history:
-        best = max(history, key=lambda row: -math.inf if row['top1'] is None else row['top1'])
-        for key, row in (('final', history[-1]), ('best', best)):
-            metrics[key] = {k: row[k] for k in ('epoch', 'top1', 'top5', 'val_loss')}
-    metrics['history'] = history
+    keep = ('epoch', 'top1', 'top5', 'val_loss')
+    best = max(history, key=lambda row: -math.inf if row['top1'] is None else row['top1'], default=None)
+    summary = {'final': {k: history[-1][k] for k in keep}, 'best': {k: best[k] for k in keep}} if history else {}
+    metrics = {**run_info, **summary, 'history': history}
     if accelerator.is_main_process:
         path, tmp = Path(run_dir) / 'metrics.json', Path(run_dir) / '.metrics.json.tmp'
         tmp.write_text(json.dumps(finite_or_none(metrics), indent=2, allow_nan=False))

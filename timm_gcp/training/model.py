@@ -27,8 +27,7 @@ def create_train_model(name: str, num_classes: int, pretrained: bool = False, mo
 
 
 def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], name: str) -> None:
-    """Raise ValueError if `model` cannot run on one image of `input_size` (C, H, W), e.g. too small a size."""
-    was_training = model.training
+    """Raise ValueError if `model` cannot run on one image of `input_size` (C, H, W); leaves it in training mode."""
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_size))
@@ -36,7 +35,7 @@ def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], name: s
         raise ValueError(f'model {name} cannot run at input size {tuple(input_size)} (--img-size too small?): '
                          f'{str(err).splitlines()[0]}') from None
     finally:
-        model.train(was_training)
+        model.train()
 
 
 def nonfinite_tensors(model: nn.Module) -> List[str]:
