@@ -13,7 +13,7 @@ import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub.catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
 from timm_gcp.hub.cli import main
 from timm_gcp.hub.convert import SOURCES
-from timm_gcp.training.config import list_recipes
+from train import list_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = load_catalogue(ROOT / 'hub' / 'catalogue.yaml')
@@ -35,10 +35,10 @@ def test_catalogue_agrees_with_the_registry():
     check_registry(CATALOGUE)
     registered = set(timm.list_pretrained('gcp_*')) | set(timm.list_pretrained('gsop_*'))
     for entry in CATALOGUE:
-        assert (entry.name in registered) == (entry.status == 'published'), entry.name
-        if entry.status != 'published':
+        assert (entry['name'] in registered) == (entry['status'] == 'published'), entry['name']
+        if entry['status'] != 'published':
             with pytest.raises((RuntimeError, ValueError), match='pretrained tag'):  # timm's or timm_gcp's message
-                timm.create_model(entry.name, pretrained=True)
+                timm.create_model(entry['name'], pretrained=True)
 
 
 def test_check_registry_refuses_a_registered_planned_tag_and_an_unregistered_published_one(tmp_path):
@@ -72,13 +72,13 @@ def test_check_registry_refuses_gcp_trained_weights_the_catalogue_does_not_publi
 
 @pytest.mark.parametrize('status', ['converted', 'planned'])
 def test_table_says_how_to_get_what_is_not_on_the_hub(status):
-    entries = [e for e in CATALOGUE if e.status == status]
+    entries = [e for e in CATALOGUE if e['status'] == status]
     assert entries
     table = render_table(entries)
     prefix = {'converted': 'not on the Hub; convert it yourself', 'planned': 'not trained yet; train it yourself'}
     for entry in entries:
-        row = next(line for line in table.splitlines() if line.startswith(f'| `{entry.name}` |'))
-        assert f'{prefix[status]}: `{entry.recipe}`' in row and 'Hub:' not in row
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{entry['name']}` |"))
+        assert f"{prefix[status]}: `{entry['recipe']}`" in row and 'Hub:' not in row
 
 
 def test_published_row_shows_the_loading_call(tmp_path):
@@ -86,22 +86,22 @@ def test_published_row_shows_the_loading_call(tmp_path):
     assert "`timm.create_model('gcp_resnet18.x', pretrained=True)` (Hub: `org/r`)" in render_table(entries)
 
 
-@pytest.mark.parametrize('entry', [e for e in CATALOGUE if e.status == 'converted'], ids=lambda e: e.name)
+@pytest.mark.parametrize('entry', [e for e in CATALOGUE if e['status'] == 'converted'], ids=lambda e: e['name'])
 def test_converted_entries_match_convert(entry):
-    assert timm.is_model(entry.arch) and entry.recipe.startswith('timm-gcp convert ')
-    assert f'--model {entry.arch}' in entry.recipe and '--output ' in entry.recipe
-    source = re.search(r'--source (\S+)', entry.recipe)
-    assert SOURCES[source[1] if source else 'fast-mpn-cov'].meta_layer == entry.meta_layer
+    assert timm.is_model(entry['arch']) and entry['recipe'].startswith('timm-gcp convert ')
+    assert f"--model {entry['arch']}" in entry['recipe'] and '--output ' in entry['recipe']
+    source = re.search(r'--source (\S+)', entry['recipe'])
+    assert SOURCES[source[1] if source else 'fast-mpn-cov'].meta_layer == entry['meta_layer']
 
 
-@pytest.mark.parametrize('entry', [e for e in CATALOGUE if e.status == 'planned'], ids=lambda e: e.name)
+@pytest.mark.parametrize('entry', [e for e in CATALOGUE if e['status'] == 'planned'], ids=lambda e: e['name'])
 def test_planned_commands_name_a_recipe_and_a_loadable_start(entry):
     """The command trains with a shipped recipe, from scratch or from a registered pretrained tag."""
-    words = shlex.split(entry.recipe)
+    words = shlex.split(entry['recipe'])
     assert words[:3] == ['accelerate', 'launch', 'train.py']
     assert words[words.index('--recipe') + 1] in list_recipes()
     model = words[words.index('--model') + 1]
-    assert model.split('.')[0] == entry.arch
+    assert model.split('.')[0] == entry['arch']
     assert ('--pretrained' in words) == ('.' in model)
     if '--pretrained' in words:
         assert model in timm.list_pretrained(model)
@@ -120,13 +120,13 @@ planned:
        start: a1_in1k}
 ''')
     entries = load_catalogue(path)
-    assert [(e.name, e.status, e.paper_top1) for e in entries] == [
+    assert [(e['name'], e['status'], e['paper_top1']) for e in entries] == [
         ('gcp_resnet18.in1k', 'planned', None), ('gcp_resnet18.ft_cub', 'planned', None),
         ('gsop_resnet50.in1k', 'planned', 78.81), ('gsop_resnet50.ft_cub', 'planned', None)]
-    assert entries[3].recipe == ('accelerate launch train.py --recipe finegrained_448 --model gsop_resnet50.a1_in1k '
-                                 '--pretrained --data-dir CUB')
-    assert entries[0].recipe == ('accelerate launch train.py --recipe imagenet_65ep --model gcp_resnet18 '
-                                 '--data-dir IMAGENET')
+    assert entries[3]['recipe'] == ('accelerate launch train.py --recipe finegrained_448 '
+                                    '--model gsop_resnet50.a1_in1k --pretrained --data-dir CUB')
+    assert entries[0]['recipe'] == ('accelerate launch train.py --recipe imagenet_65ep --model gcp_resnet18 '
+                                    '--data-dir IMAGENET')
     path.write_text('models: []\nplanned: {archs: [gcp_resnet18], meta_layer: isqrt, datasets: [{tag: t}]}\n')
     with pytest.raises(ValueError, match='`planned` block: .* missing or malformed'):
         load_catalogue(path)

@@ -12,8 +12,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 import timm_gcp  # noqa: F401  registers the GCP models
-from timm_gcp.hub import card_metrics, export_model
 from timm_gcp.hub import export as export_module
+from timm_gcp.hub.export import card_metrics, export_model
 from timm_gcp.hub.citations import citations_for
 
 METRICS = {'top1': 81.25, 'top5': 97.5, 'best_top1': 82.5, 'best_top5': 98.0, 'best_epoch': 7, 'epochs': 10}
@@ -72,10 +72,10 @@ def test_export_replaces_atomically(gcp_model, tmp_path, monkeypatch):
     out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics={'top1': 1.0})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def broken_card(info):
+    def broken_card(*args):
         raise RuntimeError('disk full while writing the card')
 
-    monkeypatch.setattr(export_module, 'build_model_card', broken_card)
+    monkeypatch.setattr(export_module, '_model_card', broken_card)
     with pytest.raises(RuntimeError, match='disk full'):
         export_model(gcp_model, out, label_names=['a', 'b', 'c'], metrics={'top1': 2.0})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export is intact

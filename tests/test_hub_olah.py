@@ -17,7 +17,7 @@ import torch
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
-from timm_gcp.hub.manifest import MANIFEST_NAME, build_manifest
+from timm_gcp.hub.push import MANIFEST_NAME, build_manifest
 from timm_gcp.hub.verify import verify_repo
 from hub_server import point_client_at
 

@@ -1,8 +1,5 @@
-"""The `timm-gcp` command: publish, verify and convert models, and keep the README's model table.
-
-`python hub/<command>.py ...` runs the same. A failure ends in one line on stderr (the Hugging Face token masked)
-and exit status 1.
-"""
+"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify and convert models, and keep the README's
+model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
 import argparse
 import logging
 import shlex
@@ -17,8 +14,6 @@ from .convert import SOURCES, convert_checkpoint
 from .push import push_model
 from .verify import verify_folder, verify_repo
 
-__all__ = ['main', 'build_parser', 'redact_token']
-
 CATALOGUE = 'hub/catalogue.yaml'  # relative to the repository root, where the maintainer commands run
 
 
@@ -27,10 +22,8 @@ def _push(args: argparse.Namespace) -> None:
     result = push_model(args.folder, args.repo_id, private=args.private, revision=args.revision,
                         commit_message=args.commit_message, max_retries=args.max_retries,
                         retry_delay=args.retry_delay)
-    print(f'pushed {result.repo_id}@{result.revision}: commit {result.commit_oid}')
-    print(result.commit_url)
-    for name, sha in sorted(result.sha256.items()):
-        print(f'  sha256 {sha}  {name}')
+    print(f'pushed {result.repo_id}@{result.revision}: commit {result.commit_oid}\n{result.commit_url}')
+    print(''.join(f'  sha256 {sha}  {name}\n' for name, sha in sorted(result.sha256.items())), end='')
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -40,39 +33,29 @@ def _verify(args: argparse.Namespace) -> None:
         if args.revision or args.catalogue:
             raise ValueError(f'{args.target} is a local folder: --revision and --catalogue apply to a repo id only')
         report = verify_folder(args.target, **options)
+        print(f'{report.source}: files, config, weights and card are fit to publish')
     else:
         expected = recorded_sha256(load_catalogue(args.catalogue), args.target) if args.catalogue else None
         report = verify_repo(args.target, revision=args.revision, expected_sha256=expected, **options)
-    if report.commit:
         print(f'{report.source}@{report.commit}: checksums match the push manifest and the Hub object ids')
-    else:
-        print(f'{report.source}: files, config, weights and card are fit to publish')
-    for name, sha in sorted(report.sha256.items()):
-        print(f'  sha256 {sha}  {name}')
+    print(''.join(f'  sha256 {sha}  {name}\n' for name, sha in sorted(report.sha256.items())), end='')
     print(f"{'hf-hub' if report.commit else 'local-dir'}: load reproduces model.safetensors exactly")
     if report.measured:
         print(f"re-evaluated on {report.measured['count']} images: top-1 {report.measured['top1']:.2f}% "
               f"top-5 {report.measured['top5']:.2f}% (card: {report.card})")
 
 
-def _published_convert_command(args: argparse.Namespace) -> str:
-    """The conversion command as the model card shows it: files by name only, no local paths, no output folder."""
+def _convert(args: argparse.Namespace) -> None:
+    lines = Path(args.label_names).read_text().splitlines() if args.label_names else []
+    label_names = [line.strip() for line in lines if line.strip()] or None
+    # the command as the card shows it: files by name only, no local paths, no output folder
     words = ['timm-gcp', 'convert', Path(args.src).name, '--model', args.model, '--source', args.source]
     for flag, value in (('--meta-layer', args.meta_layer), ('--layer4-stride', args.layer4_stride),
                         ('--label-names', args.label_names and Path(args.label_names).name)):
-        if value:
-            words += [flag, str(value)]
-    return shlex.join(words)
-
-
-def _convert(args: argparse.Namespace) -> None:
-    label_names = None
-    if args.label_names:
-        with open(args.label_names) as f:
-            label_names = [line.strip() for line in f if line.strip()]
+        words += [flag, str(value)] if value else []
     out, model = convert_checkpoint(args.src, args.model, args.output, source=args.source,
                                     meta_layer=args.meta_layer, layer4_stride=args.layer4_stride,
-                                    label_names=label_names, command=_published_convert_command(args))
+                                    label_names=label_names, command=shlex.join(words))
     print(f'wrote {out} ({args.model}, meta-layer {model.meta_layer_name}, layer4 stride {model.layer4_stride}, '
           f'{model.num_classes} classes)')
 
@@ -80,12 +63,11 @@ def _convert(args: argparse.Namespace) -> None:
 def _model_table(args: argparse.Namespace) -> None:
     entries = load_catalogue(args.catalogue)
     check_registry(entries)
-    table = render_table(entries)
     if args.write:
         readme = Path(args.readme)
-        readme.write_text(replace_table(readme.read_text(), table))
+        readme.write_text(replace_table(readme.read_text(), render_table(entries)))
     else:
-        print(table, end='')
+        print(render_table(entries), end='')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,30 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     def add(name: str, run: Callable[[argparse.Namespace], None], text: str) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=text, description=text)
-        parser.set_defaults(run=run)
-        return parser
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(run=run)
+        return p
 
     p = add('push', _push, 'publish an exported model folder to the Hub in one commit (token: HF_TOKEN or '
                            '`hf auth login`, never printed)')
     p.add_argument('folder', help='exported model folder (model.safetensors, config.json, README.md)')
     p.add_argument('--repo-id', required=True, help='target repository, ORG/NAME')
     p.add_argument('--private', action='store_true', help='create the repository private')
-    p.add_argument('--revision', default=None, help='branch to commit to (created if missing; default main)')
-    p.add_argument('--commit-message', default=None)
-    p.add_argument('--max-retries', type=int, default=5, help='retries on 408/429/5xx/connection errors')
-    p.add_argument('--retry-delay', type=float, default=1.0, help='first backoff delay in seconds (doubles)')
+    p.add_argument('--revision', default='main', help='branch to commit to, created if missing (default: %(default)s)')
+    p.add_argument('--commit-message')
+    p.add_argument('--max-retries', type=int, default=5, help='retries on 408/429/5xx/connection errors (%(default)s)')
+    p.add_argument('--retry-delay', type=float, default=1.0, help='first backoff delay, doubling (%(default)s s)')
 
     p = add('verify', _verify, "check a published repo (checksums, Hub object ids) or a local export folder "
                                "(push's checks), bit-identical loading and, with --data-dir, the card's accuracy")
     p.add_argument('target', help='ORG/NAME, or an exported model folder')
-    p.add_argument('--revision', default=None, help='branch, tag or commit of a repo (default main)')
-    p.add_argument('--data-dir', default=None, help='image folder (with val/<class>/...) to re-evaluate on')
-    p.add_argument('--tolerance', type=float, default=0.5, help='allowed top-1/top-5 difference in points')
-    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('--revision', help='branch, tag or commit of a repo (default: main)')
+    p.add_argument('--data-dir', help='image folder (with val/<class>/...) to re-evaluate on')
+    p.add_argument('--tolerance', type=float, default=0.5, help='allowed top-1/top-5 difference (%(default)s points)')
+    p.add_argument('-b', '--batch-size', type=int, default=32, help='(default: %(default)s)')
     p.add_argument('--hflip-average', action='store_true', help='average logits with the flipped image')
-    p.add_argument('--catalogue', nargs='?', const=CATALOGUE, default=None,
-                   help=f'also compare a repo with the sha256 the catalogue records (default {CATALOGUE})')
+    p.add_argument('--catalogue', nargs='?', const=CATALOGUE, help=f'also compare a repo with the sha256 the '
+                   f'catalogue records (bare flag: {CATALOGUE})')
 
     p = add('convert', _convert, "convert an official GCP ResNet checkpoint into a folder that loads with "
                                  "timm.create_model('local-dir:DIR', pretrained=True)")
@@ -125,15 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', required=True, help='timm-gcp architecture, e.g. gcp_resnet50')
     p.add_argument('--output', required=True, help='folder to write')
     p.add_argument('--source', choices=sorted(SOURCES), default='fast-mpn-cov',
-                   help='which release: fixes the meta-layer and the layer4 stride (default fast-mpn-cov)')
-    p.add_argument('--meta-layer', default=None, help="override the source's meta-layer")
-    p.add_argument('--layer4-stride', type=int, choices=(1, 2), default=None, help="override the source's stride")
-    p.add_argument('--label-names', default=None, help='text file with one class name per line')
+                   help='which release: fixes the meta-layer and the layer4 stride (default: %(default)s)')
+    p.add_argument('--meta-layer', help="override the source's meta-layer")
+    p.add_argument('--layer4-stride', type=int, choices=(1, 2), help="override the source's stride")
+    p.add_argument('--label-names', help='text file with one class name per line')
 
     p = add('model-table', _model_table, "print the README's model table from the catalogue (checked against "
                                          "timm's registry), or rewrite it between its markers (--write)")
-    p.add_argument('--catalogue', default=CATALOGUE)
-    p.add_argument('--readme', default='README.md')
+    p.add_argument('--catalogue', default=CATALOGUE, help='(default: %(default)s)')
+    p.add_argument('--readme', default='README.md', help='(default: %(default)s)')
     p.add_argument('--write', action='store_true', help='replace the table in the README')
     return parser
 
@@ -144,9 +126,10 @@ def redact_token(text: str) -> str:
     return text.replace(token, '***') if token else text
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run one subcommand; any error becomes one line on stderr with the token masked, and exit status 1."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: Optional[List[str]] = None, command: Optional[str] = None) -> int:
+    """Run one subcommand (`command` first when given: the hub/*.py scripts); any error is one line on stderr with
+    the token masked, and exit status 1."""
+    args = build_parser().parse_args(([command] if command else []) + (sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
     except Exception as e:

@@ -1,24 +1,23 @@
-"""Publish an exported folder to the Hub in one commit, with retries on transient errors and a sha256 manifest."""
+"""Publish an exported folder to the Hub in one commit with a sha256 manifest, retrying transient errors."""
+import io
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, TypeVar, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple, TypeVar, Union
 
 import timm
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.sha import sha_fileobj
 
 from .. import __version__
-from .export import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_export_dir
-from .manifest import MANIFEST_NAME, build_manifest
-from .model_card import REPO_ID_PLACEHOLDER
-from .publishable import check_repo_id
-
-__all__ = ['push_model', 'PushResult', 'with_retries', 'TRANSIENT_STATUS']
+from .export import EXPORT_FILES, REPO_ID_PLACEHOLDER, check_export_dir
 
 _logger = logging.getLogger(__name__)
+MANIFEST_NAME = 'timm_gcp_manifest.json'
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)  # what huggingface_hub's http_backoff retries
 _TRANSIENT_ERRORS = ('TransportError', 'TimeoutException', 'NetworkError', 'RemoteProtocolError')  # httpx, by name
 T = TypeVar('T')
@@ -33,6 +32,25 @@ class PushResult:
     sha256: Dict[str, str]
 
 
+def check_repo_id(repo_id: str) -> None:
+    """ValueError unless `repo_id` is ORG/NAME by the Hub's own rules (validate_repo_id)."""
+    if (repo_id or '').count('/') != 1:
+        raise ValueError(f'repo id must look like ORG/NAME, got {repo_id!r}')
+    validate_repo_id(repo_id)
+
+
+def file_digest(source: Union[bytes, Path]) -> Tuple[str, int]:
+    """(sha256 hex, size) of in-memory bytes or a file."""
+    with (io.BytesIO(source) if isinstance(source, bytes) else open(source, 'rb')) as f:
+        return sha_fileobj(f).hex(), f.tell()
+
+
+def build_manifest(files: Mapping[str, Union[bytes, Path]], **info: str) -> bytes:
+    """JSON manifest {format: 1, files: {name: {sha256, size}}, **info} of the files uploaded beside it."""
+    digests = {name: dict(zip(('sha256', 'size'), file_digest(source))) for name, source in sorted(files.items())}
+    return (json.dumps({'format': 1, 'files': digests, **info}, indent=2, sort_keys=True) + '\n').encode()
+
+
 def _is_transient(error: Exception) -> bool:
     if isinstance(error, HfHubHTTPError):
         return getattr(error.response, 'status_code', None) in TRANSIENT_STATUS
@@ -41,42 +59,23 @@ def _is_transient(error: Exception) -> bool:
 
 
 def with_retries(fn: Callable[[], T], what: str, max_retries: int = 5, delay: float = 1.0) -> T:
-    """Call fn; on a transient error (408/429/5xx/connection) retry with exponential backoff.
-
-    huggingface_hub retries its uploads and pre-upload calls itself (http_backoff), but not the create_repo,
-    create_branch and commit POSTs, where a lost reply could duplicate a commit; here a retried commit of the same
-    files is harmless (the Hub skips unchanged files), so push retries those three calls.
-    """
-    attempt = 0
-    while True:
+    """fn(), retried with exponential backoff on a transient error (408/429/5xx, connection, timeout): for the
+    create_repo, create_branch and commit POSTs, which huggingface_hub does not retry (docs/hub.md)."""
+    for attempt in range(max_retries + 1):
         try:
             return fn()
         except Exception as e:
             if attempt >= max_retries or not _is_transient(e):
                 raise
             wait = min(delay * 2 ** attempt, 60.0)
-            attempt += 1
-            _logger.warning('%s: transient error (%s); retry %d/%d in %.1fs',
-                            what, type(e).__name__, attempt, max_retries, wait)
+            _logger.warning('%s: transient error (%s); retry %d/%d in %.1fs', what, type(e).__name__, attempt + 1,
+                            max_retries, wait)
             time.sleep(wait)
 
 
-def _staged_files(folder: Path, repo_id: str) -> Dict[str, Union[bytes, Path]]:
-    card = (folder / CARD_NAME).read_text().replace(REPO_ID_PLACEHOLDER, repo_id)
-    return {WEIGHTS_NAME: folder / WEIGHTS_NAME, CONFIG_NAME: folder / CONFIG_NAME, CARD_NAME: card.encode()}
-
-
-def push_model(
-        folder: Union[str, Path],
-        repo_id: str,
-        *,
-        private: bool = False,
-        revision: Optional[str] = None,
-        commit_message: Optional[str] = None,
-        token: Optional[str] = None,
-        max_retries: int = 5,
-        retry_delay: float = 1.0,
-) -> PushResult:
+def push_model(folder: Union[str, Path], repo_id: str, *, private: bool = False, revision: Optional[str] = None,
+               commit_message: Optional[str] = None, token: Optional[str] = None, max_retries: int = 5,
+               retry_delay: float = 1.0) -> PushResult:
     """Upload model.safetensors, config.json, README.md and a sha256 manifest to `repo_id` in one commit.
 
     The folder is validated before any network call. The token comes from `token`, HF_TOKEN or `hf auth login`.
@@ -87,24 +86,22 @@ def push_model(
     token = token or get_token()
     if not token:
         raise ValueError('no Hugging Face token: set HF_TOKEN or run `hf auth login`')
-    files = _staged_files(folder, repo_id)
+    files = {name: folder / name for name in EXPORT_FILES}
+    files['README.md'] = files['README.md'].read_text().replace(REPO_ID_PLACEHOLDER, repo_id).encode()
     manifest = build_manifest(files, architecture=config['architecture'], timm_gcp_version=__version__)
-    uploads = {**files, MANIFEST_NAME: manifest}
+    files[MANIFEST_NAME] = manifest
     branch = revision or 'main'
     api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
-
     with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), 'create_repo', max_retries,
                  retry_delay)
     if branch != 'main':
         with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), 'create_branch',
                      max_retries, retry_delay)
+    message = commit_message or f"Upload {config['architecture']} with timm-gcp {__version__}"
 
     def commit():  # fresh operations per attempt: they carry upload state
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes)
-                                         else str(source)) for name, source in uploads.items()]
-        return api.create_commit(
-            repo_id, operations=operations, revision=branch,
-            commit_message=commit_message or f"Upload {config['architecture']} with timm-gcp {__version__}")
+        operations = [CommitOperationAdd(name, source) for name, source in files.items()]
+        return api.create_commit(repo_id, operations=operations, revision=branch, commit_message=message)
 
     info = with_retries(commit, 'create_commit', max_retries, retry_delay)
     sha256 = {name: entry['sha256'] for name, entry in json.loads(manifest)['files'].items()}
