@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from timm_gcp.training.checkpoint import (
-    Checkpointer, TrainState, check_compatible, consolidate_counters, read_train_state, select_checkpoint)
+    Checkpointer, StopSignal, TrainState, check_compatible, consolidate_counters, read_train_state,
+    select_checkpoint)
 from timm_gcp.training.errors import CheckpointError
 
 
@@ -185,3 +187,25 @@ def test_a_non_finite_running_loss_is_checkpointed_as_null_and_read_back(tmp_pat
     state = select_checkpoint(str(checkpoint))[1]
     assert math.isnan(state.train_loss_sum) and state.train_samples == 8
     assert math.isnan(read_train_state(checkpoint).train_loss_sum)
+
+
+class Trigger(OneProcess):
+    """accelerate's trigger on one process: check_trigger reports a set trigger once, and resets it."""
+    flag = False
+
+    def set_trigger(self):
+        self.flag = True
+
+    def check_trigger(self):
+        flag, self.flag = self.flag, False
+        return flag
+
+
+def test_a_stop_signal_is_recorded_and_reported_at_every_check_until_the_end():
+    accelerator, previous = Trigger(), signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert not stop.received_anywhere(accelerator)
+        os.kill(os.getpid(), signal.SIGTERM)                     # recorded, not fatal
+        assert stop.received == signal.SIGTERM
+        assert stop.received_anywhere(accelerator) and stop.received_anywhere(accelerator)
+    assert signal.getsignal(signal.SIGTERM) is previous          # the handler is given back
