@@ -20,6 +20,7 @@ from test_train_checkpoint import OneProcess, SecondOfTwo, Touch
 from timm_gcp.training.checkpoint import read_train_state
 from timm_gcp.training.errors import (
     EXIT_DATA, EXIT_USAGE, CheckpointError, OutputInUse, TrainingDiverged, exit_code_of, user_errors)
+from timm_gcp.training import run_lock
 from timm_gcp.training.run_lock import own_run_dir
 
 EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_OUTPUT_IN_USE = 4, 5, 6  # as docs/training.md documents them
@@ -145,9 +146,8 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused_on_every_process(tmp_pat
     with own_run_dir(OneProcess(), run_dir, resuming=True):             # --resume: continued, not refused
         pass
     assert sorted(p.name for p in run_dir.iterdir()) == ['.run.lock', 'checkpoints']
-    import accelerate.utils                                              # the main process's verdict, broadcast
-    monkeypatch.setattr(accelerate.utils, 'broadcast_object_list', lambda objects: ['refused by the main process'])
-    with pytest.raises(OutputInUse, match='refused by the main process'):
+    monkeypatch.setattr(run_lock, 'broadcast_object_list', lambda objects: ['refused by the main process'])
+    with pytest.raises(OutputInUse, match='refused by the main process'):  # the main process's verdict
         with own_run_dir(SecondOfTwo(), run_dir, resuming=True):
             pass
 

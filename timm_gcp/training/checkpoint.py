@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from accelerate.utils import load  # torch.load(weights_only=True), numpy RNG states allowed
 from huggingface_hub.utils.sha import sha_fileobj
 from safetensors.torch import load_file, load_model, save_model
 
@@ -72,7 +73,6 @@ def _digest(path: Path) -> Dict[str, Any]:
 
 def _validate(checkpoint: Path) -> TrainState:
     """Check every file of `checkpoint` (recorded size and hash, then a parse) before anything is restored."""
-    from accelerate.utils import load  # torch.load(weights_only=True) allowing numpy RNG states; lazy for --help
     state = read_train_state(checkpoint)
     for name in dict.fromkeys(['model.safetensors', 'optimizer.bin', 'random_states_0.pkl', *state.files]):
         if not (checkpoint / name).is_file():

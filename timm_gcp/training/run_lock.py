@@ -8,6 +8,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
+from accelerate.utils import broadcast_object_list
 from filelock import FileLock, Timeout
 
 from .errors import OutputInUse
@@ -40,7 +41,6 @@ def own_run_dir(accelerator: Any, run_dir: Path, resuming: bool) -> Iterator[Non
                 refusal = (f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
                            f'--output')
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
         refusal = broadcast_object_list([refusal])[0]
     try:
         if refusal is not None:
@@ -48,7 +48,7 @@ def own_run_dir(accelerator: Any, run_dir: Path, resuming: bool) -> Iterator[Non
         yield
     finally:
         if lock.is_locked:
-            (run_dir / HOLDER_NAME).unlink()
+            (run_dir / HOLDER_NAME).unlink(missing_ok=True)
             if created and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
                 (run_dir / LOCK_NAME).unlink()  # while locked: filelock 4 retries on an unlinked one
                 for folder in created:
