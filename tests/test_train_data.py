@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from timm_gcp.training.data import create_dataloader, create_datasets, to_rgb
+from timm_gcp.training.data import create_dataloader, create_datasets
 
 
 def _make_folder(root: Path, classes=('a', 'b'), per_class=3, size=24):
@@ -24,26 +24,34 @@ def _make_folder(root: Path, classes=('a', 'b'), per_class=3, size=24):
     return root
 
 
-def test_to_rgb_converts_every_mode():
-    cases = {
-        'L': Image.new('L', (4, 4), 128),
-        'CMYK': Image.new('CMYK', (4, 4), (0, 255, 255, 0)),          # pure red in CMYK
-        'P': Image.new('RGB', (4, 4), (0, 0, 255)).convert('P'),
-        'RGBA': Image.new('RGBA', (4, 4), (255, 0, 0, 0)),           # fully transparent red
-        'LA': Image.new('LA', (4, 4), (0, 255)),
-        'I;16': Image.new('I;16', (4, 4), 100),
-    }
-    for mode, img in cases.items():
-        rgb = to_rgb(img)
-        assert rgb.mode == 'RGB' and rgb.size == (4, 4), mode
-    assert to_rgb(cases['CMYK']).getpixel((0, 0)) == (255, 0, 0)
-    assert to_rgb(cases['RGBA']).getpixel((0, 0)) == (255, 255, 255)  # transparent areas become white
-    assert to_rgb(cases['LA']).getpixel((0, 0)) == (0, 0, 0)
+def test_every_image_mode_is_read_as_rgb_with_transparency_on_white(tmp_path):
     palette = Image.new('P', (2, 1))
     palette.putpalette([255, 0, 0, 0, 255, 0])
     palette.putpixel((1, 0), 1)
     palette.info['transparency'] = 0
-    assert [to_rgb(palette).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (0, 255, 0)]
+    cases = {
+        'L.png': Image.new('L', (4, 4), 128),
+        'CMYK.tif': Image.new('CMYK', (4, 4), (0, 255, 255, 0)),        # pure red in CMYK
+        'P.png': Image.new('RGB', (4, 4), (0, 0, 255)).convert('P'),
+        'RGBA.png': Image.new('RGBA', (4, 4), (255, 0, 0, 0)),         # fully transparent red
+        'LA.png': Image.new('LA', (4, 4), (0, 255)),
+        'I16.png': Image.new('I;16', (4, 4), 100),
+        'palette.png': palette,                                          # colour 0 transparent
+    }
+    for split in ('train', 'val'):
+        (tmp_path / split / 'a').mkdir(parents=True)
+        for name, img in cases.items():
+            img.save(tmp_path / split / 'a' / name)
+    data = create_datasets(str(tmp_path))
+    assert {Image.open(path).mode for path, _ in data.val.samples} >= {'L', 'CMYK', 'P', 'RGBA', 'LA', 'I;16'}
+    rgb = {Path(path).name: data.val[i] for i, (path, _) in enumerate(data.val.samples)}
+    for name, (img, target, unreadable) in rgb.items():
+        assert img.mode == 'RGB' and img.size == cases[name].size and (target, unreadable) == (0, 0), name
+    assert rgb['CMYK.tif'][0].getpixel((0, 0)) == (255, 0, 0)
+    assert rgb['RGBA.png'][0].getpixel((0, 0)) == (255, 255, 255)     # transparent areas become white
+    assert rgb['LA.png'][0].getpixel((0, 0)) == (0, 0, 0)
+    assert rgb['P.png'][0].getpixel((0, 0)) == (0, 0, 255)
+    assert [rgb['palette.png'][0].getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (0, 255, 0)]
 
 
 def test_folder_errors(tmp_path):

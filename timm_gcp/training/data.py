@@ -22,23 +22,18 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.ti
 _MAX_SUBSTITUTIONS = 16
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any image as RGB (grayscale, CMYK, palette, 16-bit...); transparent areas become white."""
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
-        return Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA')).convert('RGB')
-    return img if img.mode == 'RGB' else img.convert('RGB')
-
-
 def _open_rgb(source: Any, max_pixels: Optional[int]) -> Image.Image:
-    """Decode an image as RGB; ValueError if its header declares more than `max_pixels` (None: PIL's limit only)."""
+    """Decode an image of any mode as RGB, transparent areas on white; ValueError if its header declares more than
+    `max_pixels` (None: PIL's limit only)."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # `max_pixels` is the limit that applies
         with Image.open(source) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ValueError(f'{img.width} x {img.height} pixels exceed the limit of {max_pixels} '
                                  f'(--max-image-pixels)')
-            img.load()
-            return to_rgb(img)
+            if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
+                return Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA')).convert('RGB')
+            return img.convert('RGB')  # decoded now, a copy even when RGB already: the file can close
 
 
 @dataclass(eq=False)  # hashed by identity, as torch datasets are
@@ -174,8 +169,7 @@ def create_eval_dataset(data_dir: Union[str, Path], label_names: Optional[Sequen
     the order of `label_names` (a model's classes; default: the class folders), unreadable images flagged."""
     data_dir = Path(data_dir)
     root = next((data_dir / name for name in ('val', 'validation') if (data_dir / name).is_dir()), data_dir)
-    samples, classes = _index_folder(root, label_names)
-    return ImageDataset(samples, classes, str(root), max_image_pixels=max_image_pixels)
+    return ImageDataset(*_index_folder(root, label_names), str(root), max_image_pixels=max_image_pixels)
 
 
 def create_transforms(model: torch.nn.Module, args: Dict[str, Any]) -> Tuple[Callable, Callable, Dict[str, Any]]:

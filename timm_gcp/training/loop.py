@@ -32,9 +32,8 @@ def train_one_epoch(accelerator: Any, model: nn.Module, optimizer: Any, schedule
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     batches, nonfinite = state.batches_done, 0
-    show = progress and accelerator.is_main_process
-    for x, y, unreadable in tqdm(loader, total=total_batches, initial=batches, desc=f'epoch {state.epoch}',
-                                 disable=not show, leave=False, dynamic_ncols=True):
+    for x, y, unreadable in tqdm(loader, total=total_batches, initial=batches, desc=f'epoch {state.epoch}', leave=False,
+                                 disable=not (progress and accelerator.is_main_process), dynamic_ncols=True):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
@@ -59,8 +58,7 @@ def train_one_epoch(accelerator: Any, model: nn.Module, optimizer: Any, schedule
         if accelerator.sync_gradients:
             state.updates += 1
             state.batches_done = batches
-            finite = torch.isfinite(accelerator.reduce(loss_sum, 'sum'))  # the same on every process
-            nonfinite = 0 if finite else nonfinite + 1
+            nonfinite = 0 if accelerator.reduce(loss_sum, 'sum').isfinite() else nonfinite + 1  # same on every process
             if nonfinite >= max_nonfinite_updates:
                 raise TrainingDiverged(f'training diverged at epoch {state.epoch} update {state.updates} (loss '
                                        f'{float(loss):g} for {nonfinite} updates in a row)')

@@ -1,5 +1,4 @@
-"""Model set-up for training any timm model: creation, input-size and non-finite checks, meta-layer switch, and
-optimizer parameter groups."""
+"""Model set-up for training any timm model: creation, checks, meta-layer switch and optimizer parameter groups."""
 from typing import Any, Dict, List, Optional, Tuple
 
 import timm
@@ -60,9 +59,8 @@ def set_meta_layer(models: List[Optional[nn.Module]], name: str) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
-    """timm's weight-decay groups (none on biases, norms and `no_weight_decay()`), each split into backbone and
-    classifier, the classifier's with `lr_scale` `head_lr_mult` (timm's schedulers apply it; timm has no per-module
-    lr multiplier, its `layer_decay` scales by depth)."""
+    """timm's weight-decay groups (none on biases, norms, `no_weight_decay()`), each split into backbone and classifier,
+    the classifier's with `lr_scale` `head_lr_mult` (applied by timm's schedulers; timm has no per-module lr scale)."""
     no_decay = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     groups = []
