@@ -54,26 +54,21 @@ def consolidate_counters(accelerator: Any, state: TrainState) -> None:
         state.train_loss_sum, state.train_samples, state.unreadable_train = loss_sum, int(samples), int(unreadable)
 
 
-def read_train_state(checkpoint_dir: Path) -> TrainState:
-    """The TrainState of a checkpoint folder, its counters summed over all processes (the files are not checked)."""
-    path = Path(checkpoint_dir) / STATE_FILE
-    try:
-        state = TrainState(**json.loads(path.read_text()))  # TypeError on an unknown key
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f'{path} is not a valid trainer state: {err}') from None
-    if state.train_loss_sum is None:  # strict JSON holds a non-finite sum as null
-        state.train_loss_sum = float('nan')
-    return state
-
-
 def _digest(path: Path) -> Dict[str, Any]:
     with open(path, 'rb') as f:
         return {'size': path.stat().st_size, 'sha256': sha_fileobj(f).hex()}
 
 
-def _validate(checkpoint: Path) -> TrainState:
-    """Check every file of `checkpoint` (recorded size and hash, then a parse) before anything is restored."""
-    state = read_train_state(checkpoint)
+def read_train_state(checkpoint_dir: Path) -> TrainState:
+    """The TrainState of a checkpoint folder once every file in it is checked (the size and SHA-256 it recorded, then
+    a parse by a loader that cannot run code); a CheckpointError names the first bad file."""
+    checkpoint = Path(checkpoint_dir)
+    try:
+        state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))  # TypeError on an unknown key
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f'{checkpoint / STATE_FILE} is not a valid trainer state: {err}') from None
+    if state.train_loss_sum is None:  # strict JSON holds a non-finite sum as null
+        state.train_loss_sum = float('nan')
     for name in dict.fromkeys(['model.safetensors', 'optimizer.bin', 'random_states_0.pkl', *state.files]):
         if not (checkpoint / name).is_file():
             raise CheckpointError(f'{checkpoint / name} is missing')
@@ -81,7 +76,7 @@ def _validate(checkpoint: Path) -> TrainState:
         if path.name in state.files and _digest(path) != state.files[path.name]:
             raise CheckpointError(f'{path} is corrupt: its size or SHA-256 differs from the one recorded in '
                                   f'{STATE_FILE}')
-        try:  # with loaders that cannot run code
+        try:
             if path.suffix == '.safetensors':
                 load_file(path)
             elif path.suffix in ('.bin', '.pt', '.pkl'):
@@ -112,7 +107,7 @@ def select_checkpoint(path: str) -> Tuple[Path, TrainState, List[str]]:
     skipped = []
     for candidate in candidates:
         try:
-            return candidate, _validate(candidate), skipped
+            return candidate, read_train_state(candidate), skipped
         except CheckpointError as err:
             skipped.append(f'skipping checkpoint {candidate}: {err}')
     raise CheckpointError(f'--resume {path}: no intact checkpoint; ' + '; '.join(skipped))
