@@ -60,7 +60,7 @@ class ImageDataset(Dataset):
         for step in range(_MAX_SUBSTITUTIONS + 1 if self.is_training else 1):
             source, target = self.samples[(index + step) % len(self)]
             try:
-                img = _open_rgb(source, self.max_image_pixels)
+                img, unreadable = _open_rgb(source, self.max_image_pixels), int(step > 0)
                 break
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's errors on bad files
                 where = source if isinstance(source, str) else f'row {(index + step) % len(self)} of {self.name}'
@@ -68,7 +68,7 @@ class ImageDataset(Dataset):
         else:
             if self.is_training:
                 raise RuntimeError(f'{step + 1} consecutive unreadable images in {self.name} from {index} on')
-            img, target = Image.new('RGB', (32, 32)), -1
+            img, target, unreadable = Image.new('RGB', (32, 32)), -1, 1
         seed = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # python's, numpy's (timm's RandAugment) and torch's RNGs: put back
@@ -78,7 +78,7 @@ class ImageDataset(Dataset):
             img = self.transform(img) if self.transform else img
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-        return img, target, int(step > 0 or target < 0)
+        return img, target, unreadable
 
 
 def _index_folder(split_dir: Path, class_names: Optional[Sequence[str]] = None) -> Tuple[List, List[str]]:
