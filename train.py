@@ -355,13 +355,13 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
     from timm_gcp.training.data import create_dataloader, create_datasets, create_transforms
     from timm_gcp.training.errors import EXIT_DATA, EXIT_USAGE, CheckpointError, TrainingDiverged, user_errors
     from timm_gcp.training.evaluate import evaluate
-    from timm_gcp.training.loop import TrainComponents, base_lr, create_loss, train_one_epoch
+    from timm_gcp.training.loop import base_lr, create_loss, train_one_epoch
     from timm_gcp.training.metrics import finite_or_none, metrics_for_card, write_run_metrics
     from timm_gcp.training.model import (
         check_input_size, check_meta_layer_switch, create_train_model, nonfinite_tensors, param_groups, set_meta_layer)
 
     def check_finite(model: torch.nn.Module, where: str) -> None:
-        bad = nonfinite_tensors(model)
+        bad = nonfinite_tensors(model.state_dict().items())
         if bad:
             raise TrainingDiverged(f'training diverged: {len(bad)} tensors non-finite {where} '
                                    f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
@@ -424,8 +424,6 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
     ema = ModelEmaV3(bare, decay=cfg.model_ema_decay) if cfg.model_ema else None
     if cfg.torchcompile:
         model = torch.compile(model, backend=cfg.torchcompile)
-    parts = TrainComponents(accelerator, model, optimizer, scheduler, loss_fn, mixup, ema, cfg.clip_grad,
-                            cfg.channels_last, cfg.max_nonfinite_updates)
 
     # ---- resume (every file was validated: nothing below unpickles more than tensors) ----------------------------
     if checkpoint:
@@ -471,7 +469,9 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                 loader = train_loader
                 if state.batches_done:
                     loader = accelerator.skip_first_batches(train_loader, state.batches_done)
-                train_one_epoch(parts, loader, state, len(train_loader), on_update, cfg.progress)
+                train_one_epoch(accelerator, model, optimizer, scheduler, loss_fn, loader, state, len(train_loader),
+                                on_update, mixup, ema, cfg.clip_grad, cfg.channels_last, cfg.max_nonfinite_updates,
+                                cfg.progress)
                 if stop.received_anywhere(accelerator):
                     _exit_interrupted(accelerator, run_dir, command, stop.received)
                 check_finite(bare, f'at the end of epoch {epoch} update {state.updates}')

@@ -206,7 +206,7 @@ def test_gcp_dim_default_and_limit():
     with torch.device('meta'):
         assert timm.create_model('gcp_test_vit').gcp_dim == 64  # the backbone width, below 256
         assert timm.create_model('gcp_convnext_tiny').gcp_dim == 256
-    with pytest.raises(ValueError, match=r'gcp_dim of gcp_test_vit must be an int from 1 to 64 .*got 65'):
+    with pytest.raises(ValueError, match=r'^gcp_test_vit: gcp_dim must be an int from 1 to 64 .*got 65'):
         timm.create_model('gcp_test_vit', gcp_dim=65)
 
 

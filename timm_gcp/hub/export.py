@@ -21,6 +21,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from ..layers import GCPPool, gcp_feature_dim
+from ..training.model import nonfinite_tensors
 from .citations import citations_for
 
 EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
@@ -31,7 +32,7 @@ _SOURCE_KEYS = ('tag', 'notes', 'origin_url', 'paper_ids', 'paper_name')  # they
 
 
 def _check_finite_tensors(tensors: Iterable[Tuple[str, torch.Tensor]], what: str) -> None:
-    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(tensors)
     if bad:
         raise ValueError(f'{what} has {len(bad)} non-finite tensors (NaN/Inf), e.g. {bad[:5]}: the run diverged; '
                          f'refusing to publish it')

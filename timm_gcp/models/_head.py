@@ -13,7 +13,8 @@ __all__ = ['GcpHeadMixin']
 class GcpHeadMixin:
     """Head methods of a timm model whose `global_pool` is a GCPPool (or any timm pool) followed by `fc`.
 
-    The model sets `num_features`, `gcp_dim` and `dropcov` before calling `set_meta_layer` and `reset_classifier`.
+    The model sets `num_features`, then `set_gcp_dim` and `dropcov`, before calling `set_meta_layer` and
+    `reset_classifier`.
     """
     num_features: int
     in_chans: int
@@ -21,6 +22,13 @@ class GcpHeadMixin:
     dropcov: bool
     global_pool: nn.Module
     fc: nn.Module
+
+    def set_gcp_dim(self, gcp_dim: Any) -> None:
+        """Check and set the channels the GCP head reduces the features to (1 to the backbone width)."""
+        if isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or not 1 <= gcp_dim <= self.num_features:
+            raise ValueError(f'gcp_dim must be an int from 1 to {self.num_features} (the backbone width), '
+                             f'got {gcp_dim!r}')
+        self.gcp_dim = gcp_dim
 
     def gcp_model_args(self) -> Dict[str, Any]:
         """The JSON-serialisable kwargs that rebuild this model: pass them as `model_args` to timm's

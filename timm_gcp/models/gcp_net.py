@@ -95,11 +95,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
         self.num_prefix_tokens = getattr(self.backbone, 'num_prefix_tokens', 0) if family.output_fmt == 'NLC' else 0
         self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in self.backbone.feature_info]
         self.drop_rate = drop_rate
-        gcp_dim = min(256, self.num_features) if gcp_dim is None else gcp_dim
-        if isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or not 1 <= gcp_dim <= self.num_features:
-            raise ValueError(f'gcp_dim of gcp_{base_arch} must be an int from 1 to {self.num_features} (the '
-                             f'backbone width), got {gcp_dim!r}')
-        self.gcp_dim = gcp_dim
+        self.set_gcp_dim(min(256, self.num_features) if gcp_dim is None else gcp_dim)
         self.dropcov = dropcov
         self.global_pool = None
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))  # validated even without a GCP head

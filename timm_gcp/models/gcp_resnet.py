@@ -59,14 +59,11 @@ class GcpResNet(GcpHeadMixin, ResNet):
         if kwargs.get('output_stride', 32) != 32:
             raise ValueError('GCP ResNets set the stride of layer4 with layer4_stride, not output_stride')
         super().__init__(block, layers, num_classes=0, in_chans=in_chans, global_pool='avg', **kwargs)
-        if isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or not 1 <= gcp_dim <= self.num_features:
-            raise ValueError(
-                f'gcp_dim must be an int from 1 to {self.num_features} (the backbone channels), got {gcp_dim!r}')
+        self.set_gcp_dim(gcp_dim)
         self.layer4_stride = layer4_stride
         if layer4_stride == 1:
             _remove_stride(self.layer4)
             self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
-        self.gcp_dim = gcp_dim
         self.dropcov = dropcov
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))  # validated even without a GCP head
         self.reset_classifier(num_classes, global_pool)

@@ -1,5 +1,5 @@
 """Model set-up for training any timm model: creation, checks, meta-layer switch and optimizer parameter groups."""
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import timm
 import torch
@@ -37,10 +37,9 @@ def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], name: s
         model.train()
 
 
-def nonfinite_tensors(model: nn.Module) -> List[str]:
-    """Names of the parameters and buffers of `model` holding NaN or Inf."""
-    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_floating_point() and not torch.isfinite(t).all()]
+def nonfinite_tensors(tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the floating-point tensors of `(name, tensor)` pairs (a state dict's items) holding NaN or Inf."""
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def check_meta_layer_switch(model: nn.Module, name: str) -> None:
