@@ -2,7 +2,6 @@
 What a checkpoint holds and what is checked before resuming: docs/training.md#fault-tolerance."""
 import json
 import os
-import re
 import shutil
 import signal
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from .metrics import finite_or_none
 
 STATE_FILE = 'trainer_state.json'
 EMA_FILE = 'ema.safetensors'
-_NAME = re.compile(r'checkpoint-u\d{9}-e\d{4}')  # fixed widths: names sort as (updates, epoch)
+_PATTERN = 'checkpoint-u*-e*'  # updates and epoch with fixed widths: names sort as (updates, epoch)
 _RNG_KEYS = {'random_state', 'numpy_random_seed', 'torch_manual_seed'}
 
 
@@ -92,14 +91,14 @@ def read_train_state(checkpoint_dir: Path) -> TrainState:
 
 def _checkpoints(folder: Path) -> List[Path]:
     """The checkpoint folders in `folder`, oldest first."""
-    return sorted(p for p in folder.glob('checkpoint-*') if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file())
+    return sorted(p for p in folder.glob(_PATTERN) if (p / STATE_FILE).is_file())
 
 
 def select_checkpoint(path: str) -> Tuple[Path, TrainState, List[str]]:
     """The newest intact checkpoint of `path` (a checkpoint folder, which must be intact, or a run folder), its
     validated state, and a note for each newer checkpoint skipped as corrupt."""
     path = Path(path)
-    named = (path / STATE_FILE).is_file() or _NAME.fullmatch(path.name)
+    named = (path / STATE_FILE).is_file() or path.match(_PATTERN)
     candidates = [path] if named else _checkpoints(path / 'checkpoints')[::-1]
     if not candidates:
         raise CheckpointError(f'--resume {path}: no checkpoint found (expected {path}/checkpoints/checkpoint-*/'
