@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export as export_module
-from timm_gcp.hub.export import card_metrics, export_model
-from timm_gcp.hub.citations import citations_for
+from timm_gcp.hub.export import card_metrics, citations, export_model
+from timm_gcp.meta_layers import MetaLayer, register_meta_layer
 
 METRICS = {'top1': 81.25, 'top5': 97.5, 'best_top1': 82.5, 'best_top5': 98.0, 'best_epoch': 7, 'epochs': 10}
 RECIPE = {'lr': 0.0012, 'epochs': 10, 'img_size': 448, 'classifier_lr_mult': 5}
@@ -134,15 +134,32 @@ def test_model_card_content(gcp_model, tmp_path):
 
 
 @pytest.mark.parametrize('arch, meta_layer, papers', [
-    ('gcp_resnet50', 'isqrt', ['Iterative Matrix Square Root', 'Is Second-order', 'An Optimization Perspective']),
-    ('gcp_resnet50', 'mpa_lya', ['Fast Differentiable Matrix Square Root', 'Is Second-order']),
-    ('gcp_resnet50', 'cov', ['DropCov']),
+    ('gcp_resnet18', 'isqrt', ['Iterative Matrix Square Root', 'Is Second-order', 'An Optimization Perspective']),
+    ('gcp_resnet18', 'mpa_lya', ['Fast Differentiable Matrix Square Root', 'Is Second-order']),
+    ('gcp_resnet18', 'cov', ['DropCov']),
     ('gsop_resnet50', 'isqrt', ['Global Second-order Pooling Convolutional Networks', 'Iterative Matrix']),
 ])
 def test_citations_follow_the_model(arch, meta_layer, papers):
-    cited = '\n'.join(citations_for(arch, meta_layer))
+    model = timm.create_model(arch, meta_layer=meta_layer, gcp_dim=8, num_classes=3)
+    cited = '\n'.join(citations(model))
     assert all(p in cited for p in papers)
     assert ('Global Second-order Pooling' in cited) == arch.startswith('gsop_')
+    assert ('Iterative Matrix' in cited) == (meta_layer == 'isqrt')
+    model.reset_classifier(3, 'avg')                                      # no covariance pooling left
+    cited = '\n'.join(citations(model))
+    assert 'Is Second-order' not in cited and ('Global Second-order' in cited) == arch.startswith('gsop_')
+
+
+def test_a_registered_meta_layer_brings_its_papers_to_the_card():
+    @register_meta_layer('cited_identity')
+    class CitedIdentity(MetaLayer):
+        papers = ('@misc{mine2026, title={My Normalisation}}',)
+
+        def normalize(self, cov):
+            return cov
+
+    model = timm.create_model('gcp_resnet18', meta_layer='cited_identity', gcp_dim=8, num_classes=3)
+    assert citations(model)[-1] == CitedIdentity.papers[0] and 'Is Second-order' in citations(model)[0]
 
 
 @pytest.mark.parametrize('native', [True, False], ids=['timm-1.0.31', 'timm-1.0.29-save_for_hf'])

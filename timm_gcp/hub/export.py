@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -22,7 +22,6 @@ from torch import nn
 
 from ..layers import GCPPool, gcp_feature_dim
 from ..training.model import nonfinite_tensors
-from .citations import citations_for
 
 EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
 REPO_ID_PLACEHOLDER = '<repo-id>'  # push_model writes the real repo id into the uploaded card
@@ -61,6 +60,12 @@ def _check_no_local_paths(name: str, text: str) -> None:
     if found:
         raise ValueError(f'{name} would publish {found[0]!r}: published files must not hold absolute paths, the home '
                          f'directory or the user name of this machine (name data sets by their folder name or Hub id)')
+
+
+def citations(model: nn.Module) -> List[str]:
+    """BibTeX of the papers behind the modules of `model` (the `papers` of its GCP pooling, meta-layer, GSoP
+    blocks), in model order, each once."""
+    return list(dict.fromkeys(paper for module in model.modules() for paper in getattr(module, 'papers', ())))
 
 
 def card_metrics(card: ModelCard) -> Dict[str, float]:
@@ -119,7 +124,7 @@ def _model_card(model: nn.Module, config: Dict[str, Any], args: Dict[str, Any], 
               '# logits = model(transform(image).unsqueeze(0))', '```', '',
               f"Fine-tune on another dataset: `timm.create_model('hf-hub:{repo_id}', pretrained=True, num_classes=N)` "
               'replaces only the classifier.']
-    bibtex = citations_for(arch, meta_layer)
+    bibtex = citations(model)
     if bibtex:
         lines += ['', '## Citation', '', '```bibtex', '\n\n'.join(bibtex), '```']
     return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines) + '\n')  # ValueError if YAML is bad

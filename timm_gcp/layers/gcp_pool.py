@@ -17,6 +17,13 @@ def gcp_feature_dim(dim: int) -> int:
     return dim * (dim + 1) // 2
 
 
+MPN_COV_BIBTEX = """@inproceedings{li2017second,
+  title={Is Second-order Information Helpful for Large-scale Visual Recognition?},
+  author={Li, Peihua and Xie, Jiangtao and Wang, Qilong and Zuo, Wangmeng},
+  booktitle={IEEE International Conference on Computer Vision (ICCV)},
+  year={2017}
+}"""
+
 @register_notrace_module  # a leaf for torch.fx (timm's feature extraction): its checks stay in the graph
 class GCPPool(nn.Module):
     """(B, C, H, W) -> (B, dim(dim+1)/2) second-order features.
@@ -31,6 +38,7 @@ class GCPPool(nn.Module):
     """
     pool_type = 'gcp'
     __prepare_scriptable__ = refuse_torchscript
+    papers = (MPN_COV_BIBTEX,)  # BibTeX, cited by model cards (as MetaLayer.papers)
 
     def __init__(
             self,

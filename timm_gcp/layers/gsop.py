@@ -7,6 +7,13 @@ from ..ops import covariance, refuse_torchscript
 __all__ = ['GSoPBlock']
 
 
+GSOP_BIBTEX = """@inproceedings{gao2019global,
+  title={Global Second-order Pooling Convolutional Networks},
+  author={Gao, Zilin and Xie, Jiangtao and Wang, Qilong and Li, Peihua},
+  booktitle={IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year={2019}
+}"""
+
 class GSoPBlock(nn.Module):
     """(B, C, H, W) -> the same features scaled channel-wise by a gate computed from their covariance.
 
@@ -16,6 +23,7 @@ class GSoPBlock(nn.Module):
     `torch.jit.script` raises a RuntimeError (use torch.compile).
     """
     __prepare_scriptable__ = refuse_torchscript
+    papers = (GSOP_BIBTEX,)  # BibTeX, cited by model cards (as MetaLayer.papers)
 
     def __init__(self, channels: int, dim: int = 128, stride: int = 1, expansion: int = 4):
         super().__init__()

@@ -72,8 +72,16 @@ class _LyapunovSqrtFn(torch.autograd.Function):
         return symmetrize(solve_lyapunov(y, symmetrize(grad_out), ctx.num_iter)), None, None
 
 
+MPA_LYA_BIBTEX = """@inproceedings{song2022fast,
+  title={Fast Differentiable Matrix Square Root},
+  author={Song, Yue and Sebe, Nicu and Wang, Wei},
+  booktitle={International Conference on Learning Representations (ICLR)},
+  year={2022}
+}"""
+
 class _LyapunovSqrt(MetaLayer):
     """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` (1 to 100) sign iterations."""
+    papers = (MPA_LYA_BIBTEX,)
 
     def __init__(self, lya_iter: int = 8):
         super().__init__()

@@ -105,6 +105,19 @@ def compiled_newton_schulz_sqrt() -> Callable[[torch.Tensor, int], torch.Tensor]
     return torch.compile(newton_schulz_sqrt, mode='reduce-overhead', dynamic=False)
 
 
+ISQRT_COV_BIBTEX = """@inproceedings{li2018towards,
+  title={Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root Normalization},
+  author={Li, Peihua and Xie, Jiangtao and Wang, Qilong and Gao, Zilin},
+  booktitle={IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year={2018}
+}"""
+FAST_MPN_COV_BIBTEX = """@inproceedings{wang2020deep,
+  title={What Deep CNNs Benefit from Global Covariance Pooling: An Optimization Perspective},
+  author={Wang, Qilong and Zhang, Li and Wu, Banggu and Ren, Dongwei and Li, Peihua and Zuo, Wangmeng and Hu, Qinghua},
+  booktitle={IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year={2020}
+}"""
+
 @register_meta_layer('isqrt')
 class ISqrt(MetaLayer):
     """iSQRT-COV Newton-Schulz square root; `num_iter` (1 to 100) is 5 in ResNets, 3 in the GSoP-Net2 head.
@@ -112,6 +125,7 @@ class ISqrt(MetaLayer):
     Runs `newton_schulz_sqrt` (fused forward, hand-derived backward), also inside a model compiled with
     torch.compile, which traces both; `compile=True` runs it through `compiled_newton_schulz_sqrt` on its own.
     """
+    papers = (ISQRT_COV_BIBTEX, FAST_MPN_COV_BIBTEX)
 
     def __init__(self, num_iter: int = 5, compile: bool = False):
         super().__init__()

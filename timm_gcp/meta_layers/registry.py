@@ -1,5 +1,5 @@
 """One registry of matrix normalisations ("meta-layers"): register, create, list."""
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, List, Tuple, Type
 
 import torch
 from timm.layers import register_notrace_module
@@ -21,6 +21,7 @@ class MetaLayer(nn.Module):
     `IndefiniteCovarianceError` (both ValueErrors, see `timm_gcp.ops.check_covariance`; checked in eager mode).
     """
     name = 'meta-layer'  # the registered name, set by `register_meta_layer`
+    papers: Tuple[str, ...] = ()  # BibTeX of the papers behind the method, which model cards cite
 
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         check_square_batch(cov, f'{self.name} input')

@@ -185,10 +185,18 @@ class MatrixPower(SpectralPower):
         return loewner_power(evals, alpha)
 
 
+SVD_PADE_BIBTEX = """@inproceedings{song2021approximate,
+  title={Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?},
+  author={Song, Yue and Sebe, Nicu and Wang, Wei},
+  booktitle={IEEE International Conference on Computer Vision (ICCV)},
+  year={2021}
+}"""
+
 class _EigenvectorRule(SpectralPower):
     """ICCV'21 layers (Song, Sebe, Wang, "Why Approximate Matrix Square Root Outperforms Accurate SVD in Global
     Covariance Pooling?"): L_ij = (λ_i^α − λ_j^α)·K_ij with K_ij = ±(1/a)·R(b/a) ≈ 1/(λ_i − λ_j); float64 by default
     as published, non-finite gradient entries replaced (`replace_non_finite`)."""
+    papers = (SVD_PADE_BIBTEX,)
     overflow_guard = True
 
     def __init__(self, alpha: float = 0.5, eps: Optional[float] = None, float64: bool = True,
