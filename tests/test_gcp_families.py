@@ -7,6 +7,7 @@ import timm
 import torch
 from timm.models import save_for_hf
 from timm.optim import create_optimizer_v2
+from torch import nn
 
 import timm_gcp
 from timm_gcp.layers import GCPPool
@@ -131,25 +132,35 @@ def test_fx_feature_extraction(case):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_reset_classifier(case):
-    m, feats = copy.deepcopy(case['model']), case['feats']
+def check_reset_classifier(model, feats: torch.Tensor, feature_map: torch.Tensor) -> nn.Module:
+    """timm's reset_classifier on a copy of `model`: a new classifier keeps the trained GCP reduction, 0 classes gives
+    the pre-logits, no pooling the unpooled features, 'avg' the mean of `feature_map`, 'gcp' a fresh GCP head in the
+    model's (eval) mode. Returns the copy."""
+    m = copy.deepcopy(model)
     pool = m.global_pool
     with torch.no_grad():
         pre = m.forward_head(feats, pre_logits=True)
         m.reset_classifier(3)
-        assert m.global_pool is pool and m.forward_head(feats).shape == (2, 3)  # the trained reduction is kept
+        assert m.global_pool is pool and m.forward_head(feats).shape == (2, 3)
         m.reset_classifier(0)
         torch.testing.assert_close(m.forward_head(feats), pre)
-        m.reset_classifier(0, '')  # no pooling: the base's own unpooled output
+        m.reset_classifier(0, '')  # no pooling: unpooled features, as timm's prune_intermediate_layers needs
+        assert m.head_hidden_size == m.num_features
         torch.testing.assert_close(m.forward_head(feats), feats)
         m.reset_classifier(4, 'avg')
-        assert m.head_hidden_size == m.num_features and m.forward_head(feats).shape == (2, 4)
-        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), _as_map(case, feats).mean((2, 3)))
+        assert m.forward_head(feats).shape == (2, 4)
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feature_map.mean((2, 3)))
         m.reset_classifier(7, 'gcp')
-        assert isinstance(m.global_pool, GCPPool) and m.forward_head(feats).shape == (2, 7)
+        assert isinstance(m.global_pool, GCPPool) and not m.global_pool.training
+        assert m.forward_head(feats).shape == (2, 7)
+    return m
+
+
+def test_reset_classifier(case):
+    check_reset_classifier(case['model'], case['feats'], _as_map(case, case['feats']))
     headless = timm.create_model(case['name'], num_classes=0, global_pool='', **case['kwargs']).eval()
     with torch.no_grad():
-        assert headless(case['images']).shape == feats.shape
+        assert headless(case['images']).shape == case['feats'].shape
 
 
 def test_prune_intermediate_layers(case):

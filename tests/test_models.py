@@ -14,6 +14,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import timm_gcp
+from test_gcp_families import check_reset_classifier
 from timm_gcp.layers import GCPPool, GSoPBlock
 
 GCP_NAMES = ['gcp_resnet18', 'gcp_resnet34', 'gcp_resnet50', 'gcp_resnet101', 'gcp_resnet152']
@@ -158,22 +159,7 @@ def test_feature_info_and_intermediates(model, images, outputs):
 
 
 def test_reset_classifier(model, outputs):
-    m = copy.deepcopy(model)
-    pool, feats = m.global_pool, outputs['feats']
-    with torch.no_grad():
-        pre = m.forward_head(feats, pre_logits=True)
-        m.reset_classifier(5)
-        assert m.global_pool is pool and m.forward_head(feats).shape == (2, 5)  # the trained reduction is kept
-        m.reset_classifier(0)
-        torch.testing.assert_close(m.forward_head(feats), pre)
-        m.reset_classifier(0, '')  # no pooling: unpooled 4-D features, as timm's prune_intermediate_layers needs
-        assert m.head_hidden_size == m.num_features
-        torch.testing.assert_close(m.forward_head(feats), feats)
-        m.reset_classifier(3, 'avg')
-        assert m.head_hidden_size == m.num_features and m.forward_head(feats).shape == (2, 3)
-        m.reset_classifier(7, 'gcp')
-        assert isinstance(m.global_pool, GCPPool) and not m.global_pool.training
-        assert m.forward_head(feats).shape == (2, 7)
+    m = check_reset_classifier(model, outputs['feats'], outputs['feats'])
     cfg = m.pretrained_cfg
     assert cfg['pool_size'] == tuple(s // m.feature_info[-1]['reduction'] for s in cfg['input_size'][1:])
 
