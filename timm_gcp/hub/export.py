@@ -116,14 +116,21 @@ def _model_card(model: nn.Module, config: Dict[str, Any], args: Dict[str, Any], 
             lines += ['Exact command:', '', '```bash', command, '```', '']
         if recipe:
             lines += ['Full recipe:', '', '```yaml', yaml.safe_dump(dict(recipe), sort_keys=True).rstrip(), '```']
-    lines += ['', '## How to use', '', 'timm has no plugin entry points, so import `timm_gcp` first: it registers the '
-              'GCP architectures.', '', '```python', 'import timm', 'import timm_gcp  # registers gcp_* / gsop_*', '',
-              f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
-              'data_config = timm.data.resolve_model_data_config(model)',
-              'transform = timm.data.create_transform(**data_config, is_training=False)',
-              '# logits = model(transform(image).unsqueeze(0))', '```', '',
-              f"Fine-tune on another dataset: `timm.create_model('hf-hub:{repo_id}', pretrained=True, num_classes=N)` "
-              'replaces only the classifier.']
+    lines += ['', '## How to use', '', f"""timm has no plugin entry points, so import `timm_gcp` first: it registers the GCP
+architectures.
+
+```python
+import timm
+import timm_gcp  # registers gcp_* / gsop_*
+
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config, is_training=False)
+# logits = model(transform(image).unsqueeze(0))
+```
+
+Fine-tune on another dataset: `timm.create_model('hf-hub:{repo_id}', pretrained=True, num_classes=N)` replaces only
+the classifier."""]
     bibtex = citations(model)
     if bibtex:
         lines += ['', '## Citation', '', '```bibtex', '\n\n'.join(bibtex), '```']
