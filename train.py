@@ -148,6 +148,8 @@ class _KeyValues(argparse.Action):
     pull in timm and torch before `--help`)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if any('=' not in value for value in values if value):
+            raise argparse.ArgumentError(self, f'expected key=value pairs, e.g. gcp_dim=64, got {values}')
         pairs = dict(value.split('=', 1) for value in values if value)
         setattr(namespace, self.dest, {key: _literal(value) for key, value in pairs.items()})
 

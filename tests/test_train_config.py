@@ -134,6 +134,10 @@ def test_bad_config_inputs(tmp_path):
         parse_config(['--recipe', 'no_such_recipe'])
     with pytest.raises(ValueError, match='batch-size must be >= 1'):
         parse_config(['-b', '0'])
+    assert parse_config(['--model-kwargs', 'gcp_dim=8', 'meta_layer=eig']).model_kwargs == {'gcp_dim': 8,
+                                                                                          'meta_layer': 'eig'}
+    with pytest.raises(SystemExit):                                      # argparse's usage error, exit 2
+        parse_config(['--model-kwargs', 'gcp_dim'])
 
 
 def test_parse_meta_layer_switch():
