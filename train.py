@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_yaml(name: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """The flags a YAML file (or a bundled recipe) sets, keys checked, relative paths made absolute against the
+def load_recipe(name: str) -> Dict[str, Any]:
+    """The flags a bundled recipe or a YAML file sets, keys checked, relative paths made absolute against the
     file's folder (a bundled recipe's: the working directory, for the demo's data/pets-mini)."""
     path = Path(name)
     if path.suffix not in ('.yaml', '.yml'):
@@ -213,11 +213,6 @@ def _read_yaml(name: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return flags
 
 
-def load_recipe(name: str) -> Dict[str, Any]:
-    """The flags a named recipe (or recipe YAML path) sets."""
-    return _read_yaml(name, build_parser())
-
-
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """TrainConfig from the command line over a YAML config over a recipe over the defaults; ValueError on a bad
     recipe, config or value."""
@@ -228,7 +223,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     defaults: Dict[str, Any] = {'recipe': known.recipe}
     for yaml_name in ((known.recipe, known.config) if known.recipe != 'none' else (known.config,)):
         if yaml_name:
-            defaults.update(_read_yaml(yaml_name, parser))
+            defaults.update(load_recipe(yaml_name))
     parser.set_defaults(**defaults)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if cfg.amp and cfg.mixed_precision is None:
@@ -303,13 +298,16 @@ def resolve_run_dir(cfg: TrainConfig, checkpoint: Optional[Path]) -> Path:
     return next(p for p in candidates if not p.exists())
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Train as the flags say; returns the run folder, metrics, final model and data config."""
+def _config_or_usage_error(argv: Optional[List[str]]) -> TrainConfig:
     try:
-        cfg = parse_config(argv)
+        return parse_config(argv)
     except (ValueError, OSError) as err:  # a bad recipe, config file or value: argparse's usage error, exit 2
         build_parser().error(str(err))
-    return train(cfg, command_line(argv))
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Train as the flags say; returns the run folder, metrics, final model and data config."""
+    return train(_config_or_usage_error(argv), command_line(argv))
 
 
 def train(cfg: TrainConfig, command: str) -> Dict[str, Any]:
@@ -420,7 +418,8 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                                         lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
         if len(train_loader) == 0:
-            raise ValueError(f'{len(data.train)} training images give no full batch of {cfg.batch_size} per process')
+            raise ValueError(f'the training set has {len(data.train)} images, fewer than one batch of {cfg.batch_size} '
+                             f'for each of {accelerator.num_processes} process(es)')
         scheduler = create_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = ModelEmaV3(bare, decay=cfg.model_ema_decay) if cfg.model_ema else None
@@ -554,10 +553,10 @@ def _exit_interrupted(accelerator: Any, run_dir: Path, command: str, signum: Opt
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """main() for the command line: a user error becomes one line on stderr and its exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = '--debug' in args or os.environ.get('TIMM_GCP_DEBUG', '') not in ('', '0')
+    cfg = _config_or_usage_error(argv)
+    debug = cfg.debug or os.environ.get('TIMM_GCP_DEBUG', '') not in ('', '0')
     try:
-        main(argv)
+        train(cfg, command_line(argv))
     except KeyboardInterrupt:  # before the training loop handles signals
         print('train.py: interrupted', file=sys.stderr)
         return 128 + 2

@@ -185,6 +185,9 @@ def test_user_errors_are_one_line_with_an_exit_code(train_script, tiny_flowers, 
         assert err.startswith('train.py: error: ') and message in err and err.count('\n') == 1, err
     with pytest.raises(FileNotFoundError, match='does not exist'):     # --debug: the traceback of a user error
         in_process(train_script.cli, [*base, *cases[2][0], '--debug'])
+    (tmp_path / 'debug.yaml').write_text('debug: true\n')              # a config file's debug counts the same
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        in_process(train_script.cli, [*base, *cases[2][0], '-c', tmp_path / 'debug.yaml'])
     assert not (tmp_path / 'out').exists()
 
 

@@ -187,8 +187,6 @@ def create_dataloader(dataset: Dataset, batch_size: int, is_training: bool, work
                       seed: int = 0) -> DataLoader:
     """A plain DataLoader for `accelerate.prepare` (training: shuffled, full batches only). Its own seeded generator
     leaves the global RNG (dropout, mixup) where an uninterrupted run has it when a resumed epoch starts part-way."""
-    if is_training and len(dataset) < batch_size:
-        raise ValueError(f'the training set has {len(dataset)} images, fewer than one batch of {batch_size}')
     return DataLoader(dataset, batch_size=batch_size, shuffle=is_training, drop_last=is_training,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(seed))
