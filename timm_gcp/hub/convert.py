@@ -36,10 +36,13 @@ def convert_checkpoint(src: Union[str, Path], model_name: str, output_dir: Union
         state_dict = timm.models.load_state_dict(str(src))
     except Exception as e:
         raise ValueError(f'{src} is no state dict that torch.load(weights_only=True) can read: {e}') from e
-    layout, ours, spec = official_layout(state_dict), remap_official(state_dict), SOURCES[source]
+    layout = official_layout(state_dict)
     if layout is None:
         raise ValueError(f'unknown checkpoint layout in {src} (no official GCP head): {sorted(state_dict)[:5]}')
-    meta_layer, n = meta_layer or spec.meta_layer, ours['fc.weight'].shape[0]
+    ours = remap_official(state_dict)  # read here only for the sizes the model is built with
+    spec = SOURCES[source]
+    meta_layer = meta_layer or spec.meta_layer
+    n = ours['fc.weight'].shape[0]
     model = timm.create_model(  # the same load as pretrained_cfg_overlay=dict(file=src), checked to fit the model
         model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(src), num_classes=n), num_classes=n,
         gcp_dim=ours['global_pool.conv.weight'].shape[0], layer4_stride=layer4_stride or spec.layer4_stride,
