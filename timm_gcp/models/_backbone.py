@@ -12,7 +12,7 @@ from torch import nn
 
 from ._hub_access import hub_weights
 
-__all__ = ['load_backbone_weights', 'backbone_filter_fn', 'state_dict_differences']
+__all__ = ['load_backbone_weights', 'backbone_filter_fn', 'pretrained_source', 'state_dict_differences']
 
 _logger = logging.getLogger(__name__)
 
@@ -89,11 +89,15 @@ def _backbone_hint(model: nn.Module) -> str:
     return f'a plain timm {base}.* checkpoint' if base else 'a plain timm ResNet of the same depth'
 
 
+def pretrained_source(model: nn.Module) -> str:
+    """Where timm loads `model`'s pretrained weights from, as messages name it (timm's order: file, Hub, url)."""
+    cfg = getattr(model, 'pretrained_cfg', {})
+    return cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the pretrained checkpoint'
+
+
 def backbone_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm `pretrained_filter_fn` of every GCP model (see `select_backbone_weights`)."""
-    cfg = getattr(model, 'pretrained_cfg', {})
-    source = cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the pretrained checkpoint'  # timm's order
-    return select_backbone_weights(state_dict, model, source)[0]
+    return select_backbone_weights(state_dict, model, pretrained_source(model))[0]
 
 
 def load_backbone_weights(model: nn.Module, source: Union[str, os.PathLike]) -> List[str]:

@@ -11,7 +11,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers import GCPPool
-from ._backbone import _check_complete, backbone_filter_fn
+from ._backbone import _check_complete, backbone_filter_fn, pretrained_source
 from ._head import GcpHeadMixin
 from ._pretrained import ISQRT_COV_PAPER, backbone_tags, build_gcp_model
 
@@ -167,8 +167,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GcpResNet) 
     if layout is None:
         return backbone_filter_fn(state_dict, model)
     state_dict = remap_official(state_dict)
-    source = getattr(model, 'pretrained_cfg', {}).get('file') or 'the checkpoint'
-    _check_complete(model.state_dict(), state_dict, source, model, f'a {layout}-layout checkpoint')
+    _check_complete(model.state_dict(), state_dict, pretrained_source(model), model, f'a {layout}-layout checkpoint')
     return state_dict
 
 
