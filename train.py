@@ -68,7 +68,9 @@ class TrainConfig:
     color_jitter: float = 0.4
     aa: Optional[str] = _flag(None, 'timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
     reprob: float = 0.
-    workers: int = _flag(4, '', '-j')
+    workers: int = _flag(min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+                             or 1), 'data-loading processes per training process: 4, or the CPUs this '
+                                    'process may use where fewer', '-j')
     max_image_pixels: int = _flag(Image.MAX_IMAGE_PIXELS, "images with more pixels are skipped as unreadable (0: only "
                                                     "PIL's own limit, ~179 M)")
     flip_test: bool = _flag(False, 'evaluate on the mean of the logits of each image and of its mirror image')
@@ -246,14 +248,30 @@ def parse_meta_layer_switch(spec: Optional[str]) -> Optional[Tuple[str, int]]:
     return match.group(1), int(match.group(2))
 
 
+def launcher() -> List[str]:
+    """How this process was started, as a command's first words: `accelerate launch`, `torchrun` (with the process
+    count) or `python`."""
+    processes, per_node = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    nodes = max(processes // max(per_node, 1), 1)
+    if 'ACCELERATE_MIXED_PRECISION' in os.environ:  # set by `accelerate launch` for the processes it starts
+        return ['accelerate', 'launch'] + (['--num_processes', str(processes)] if processes > 1 else []) \
+            + (['--num_machines', str(nodes)] if nodes > 1 else [])
+    if 'TORCHELASTIC_RUN_ID' in os.environ:  # set by torchrun
+        return ['torchrun', '--nproc_per_node', str(per_node)] + (['--nnodes', str(nodes)] if nodes > 1 else [])
+    return ['python']
+
+
 def command_line(argv: Optional[Sequence[str]]) -> str:
-    """The command that reproduces this run on this machine (local paths included)."""
-    return shlex.join(['python', 'train.py', *(sys.argv[1:] if argv is None else argv)])
+    """The command that reproduces this run on this machine (local paths included), with the launcher it was started
+    with."""
+    return shlex.join([*launcher(), 'train.py', *(sys.argv[1:] if argv is None else argv)])
 
 
 def _public_path(value: str) -> str:
     """A value as a published file may show it: a local path by its last component; a Hub id, a timm name or a
     relative path that is not a file here stays as it is (also behind `local-dir:` and `hfds/`)."""
+    if not value:
+        return value
     for prefix in ('local-dir:', 'hfds/'):
         if value.startswith(prefix):
             return prefix + _public_path(value[len(prefix):])
@@ -263,7 +281,9 @@ def _public_path(value: str) -> str:
 
 def public_command(command: str) -> str:
     """`command` (from `command_line`) as published: data, config and weight files by name, no output or resume."""
-    tokens, public = shlex.split(command)[2:], []
+    tokens = shlex.split(command)
+    start = tokens.index('train.py') + 1
+    tokens, public, prefix = tokens[start:], [], tokens[:start]
     while tokens:
         flag, eq, value = tokens.pop(0).partition('=')
         if flag not in _PUBLIC_PATH_FLAGS:
@@ -273,13 +293,13 @@ def public_command(command: str) -> str:
             value = tokens.pop(0)
         if _PUBLIC_PATH_FLAGS[flag]:
             public += [flag, _public_path(value)]
-    return shlex.join(['python', 'train.py', *public])
+    return shlex.join([*prefix, *public])
 
 
 def public_flags(cfg: TrainConfig) -> Dict[str, Any]:
     """The flags that were set, as published: no local paths (data and weight files by name, no output/resume)."""
     flags = {k: v for k, v in dataclasses.asdict(cfg).items()
-             if v is not None and k not in ('config', 'resume', 'output', 'debug')}
+             if v not in (None, '') and k not in ('config', 'resume', 'output', 'debug', 'workers')}
     for key in ('data_dir', 'dataset', 'initial_checkpoint', 'backbone_weights', 'recipe', 'model'):
         if isinstance(flags.get(key), str):
             flags[key] = _public_path(flags[key])
@@ -349,6 +369,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3, trim_summary, update_summary
 
+    from timm_gcp._text import preview
     from timm_gcp.hub import export_model
     from timm_gcp.training.checkpoint import (
         Checkpointer, StopSignal, TrainState, check_compatible, consolidate_counters, load_ema)
@@ -364,7 +385,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
         bad = nonfinite_tensors(model.state_dict().items())
         if bad:
             raise TrainingDiverged(f'training diverged: {len(bad)} tensors non-finite {where} '
-                                   f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
+                                   f'({preview(bad, 3)})')
 
     set_seed(cfg.seed)
     switch = parse_meta_layer_switch(cfg.switch_meta_layer)
@@ -373,6 +394,10 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
 
     # ---- data (checked before anything is built) -------------------------------------------------------------------
     with user_errors(EXIT_DATA):
+        if cfg.recipe == DEFAULT_RECIPE and not Path(cfg.data_dir).is_dir():
+            raise FileNotFoundError(f'the demo reads its images from data/pets-mini in the repository, and '
+                                    f'{Path.cwd()} has none: run `python train.py` from the repository root (the '
+                                    f'folder that holds train.py and data/), or give --data-dir')
         data = create_datasets(cfg.data_dir, cfg.dataset, cfg.train_split, cfg.val_split, seed=cfg.seed,
                                max_image_pixels=cfg.max_image_pixels or None)
     with user_errors(EXIT_USAGE):

@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import save_for_hf
 from timm.optim import create_optimizer_v2
 from torch import nn
@@ -26,6 +27,9 @@ FAMILY_MODELS = {  # timm module -> (model, kwargs) small enough for a shared 2-
     'deit': ('gcp_deit_tiny_patch16_224', dict(img_size=IMG)),
     'swin_transformer': ('gcp_swin_tiny_patch4_window7_224', dict(img_size=IMG, window_size=4)),
 }
+
+
+LAYOUTS = {'swin_transformer': 'NHWC', 'vision_transformer': 'NLC', 'deit': 'NLC'}  # of forward_features; else NCHW
 
 
 def test_every_family_has_a_model_here():
@@ -70,8 +74,8 @@ def test_features_head_and_logits(case):
         torch.testing.assert_close(model.forward_features(case['images']), feats, rtol=0, atol=0)
         pre = model.forward_head(feats, pre_logits=True)
         reference = model.global_pool(_as_map(case, feats))  # the GCP head on the map, without the wrapper
-    channel_dim = -1 if case['family'] in ('vision_transformer', 'deit', 'swin_transformer') else 1
-    assert feats.shape[channel_dim] == model.num_features
+    assert model.output_fmt == LAYOUTS.get(case['family'], 'NCHW')  # declared as timm's models do (Swin: NHWC)
+    assert feats.shape[get_channel_dim(model.output_fmt)] == model.num_features
     assert isinstance(model.global_pool, GCPPool) and model.head_hidden_size == TRIU == pre.shape[1]
     torch.testing.assert_close(pre, reference, rtol=0, atol=0)
     assert case['logits'].shape == (2, NUM_CLASSES) and torch.isfinite(case['logits']).all()
@@ -79,6 +83,18 @@ def test_features_head_and_logits(case):
     state = model.state_dict()
     cfg = model.pretrained_cfg
     assert f'{cfg["classifier"]}.weight' in state and f'{cfg["first_conv"]}.weight' in state
+
+
+@pytest.mark.parametrize('family', sorted(set(FAMILY_MODELS) - {'vision_transformer', 'deit'}))
+def test_feature_maps_match_the_default_cfg(family):
+    """timm's own default-cfg check: at the default input size, forward_features' spatial axes (found from the
+    model's `output_fmt`) are the cfg's pool_size and its channel axis is num_features."""
+    model = timm.create_model(FAMILY_MODELS[family][0], num_classes=NUM_CLASSES, gcp_dim=GCP_DIM).eval()
+    cfg = model.pretrained_cfg
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, *cfg['input_size']))
+    assert tuple(feats.shape[i] for i in get_spatial_dim(model.output_fmt)) == tuple(cfg['pool_size'])
+    assert feats.shape[get_channel_dim(model.output_fmt)] == model.num_features
 
 
 def test_tokens_pool_without_class_token():

@@ -15,8 +15,8 @@ import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub.cli import main
 from timm_gcp.hub.convert import convert_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = REPO.parent / 'shared' / 'reference' / 'official_checkpoint_layouts.json'
+# state-dict names and shapes of the two official iSQRT-COV checkpoints used here (from the project's reference notes)
+LAYOUTS = Path(__file__).with_name('official_checkpoint_layouts.json')
 NEWMODEL = 'main.py Newmodel(resnet50 + MPNCOV)'
 
 

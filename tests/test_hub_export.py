@@ -124,7 +124,7 @@ def test_model_card_content(gcp_model, tmp_path):
     assert [(m['name'], m['value']) for m in results['metrics']] == [('top-1 accuracy', 81.25),
                                                                      ('top-5 accuracy', 97.5)]
     assert card_metrics(ModelCard.load(out / 'README.md')) == {'top1': 81.25, 'top5': 97.5}
-    assert COMMAND in readme and 'classifier_lr_mult: 5' in readme and '| best_top1 | 82.5 |' in readme
+    assert COMMAND in readme and 'classifier_lr_mult: 5' in readme and '| best_top1 | 82.50 |' in readme
     assert '`svd_pade`' in readme and '16 (136 features)' in readme
     assert "import timm_gcp" in readme and "hf-hub:timm-gcp/gcp_resnet18.pets" in readme
     for title in ('Why Approximate Matrix Square Root Outperforms Accurate SVD',
@@ -224,7 +224,7 @@ def test_export_refuses_non_finite_weights_and_leaves_the_old_export(tmp_path):
     with torch.no_grad():
         model.fc.weight[0, 0] = float('nan')
         model.conv1.weight[0, 0, 0, 0] = float('inf')
-    with pytest.raises(ValueError, match=r"has 2 non-finite tensors \(NaN/Inf\), e.g. \['conv1.weight', 'fc.weight'\]"):
+    with pytest.raises(ValueError, match=r"has 2 non-finite tensors \(NaN/Inf\): conv1.weight, fc.weight; the run"):
         export_model(model, out, label_names=['a', 'b', 'c'])
     with pytest.raises(ValueError, match='has 2 non-finite tensors'):
         export_model(model, tmp_path / 'fresh', label_names=['a', 'b', 'c'])

@@ -275,7 +275,7 @@ def test_push_refuses_non_finite_or_local_content_before_any_request(hub, export
     weights['fc.weight'][0, 0] = float('nan')
     save_file(weights, str(exported / 'model.safetensors'))
     with pytest.raises(ValueError,
-                       match=r"model.safetensors has 1 non-finite tensors \(NaN/Inf\), e.g. \['fc.weight'\]"):
+                       match=r"model.safetensors has 1 non-finite tensors \(NaN/Inf\): fc.weight; the run"):
         push_model(exported, 'org/x')
     (exported / 'model.safetensors').write_bytes(original['model.safetensors'])
 
@@ -326,14 +326,19 @@ def test_verify_a_local_export_folder(model, exported, image_folder):
         verify_folder(exported)
 
 
-def test_cli_verifies_a_folder(exported, tmp_path):
+def test_cli_verifies_a_folder(model, exported, tmp_path, image_folder):
     """The installed `timm-gcp` console command and the `python hub/verify.py` script, in fresh processes."""
+    export_model(model, exported, label_names=LABELS, metrics={'top1': 200 / 3, 'top5': 100.0}, dataset='toy',
+                 data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
+    assert '| top1 | 66.67 |' in (exported / 'README.md').read_text()  # the card rounds as the training log does
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf_home')}
     console = Path(sys.executable).parent / 'timm-gcp'  # written by `pip install -e .` from [project.scripts]
-    ok = subprocess.run([str(console), 'verify', str(exported)], cwd=tmp_path, env=env, capture_output=True,
-                        text=True, timeout=300)
+    ok = subprocess.run([str(console), 'verify', str(exported), '--data-dir', str(image_folder), '--tolerance', '100'],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert 'local-dir: load reproduces model.safetensors exactly' in ok.stdout
+    assert re.search(r'^re-evaluated on 9 images: top-1 \d+\.\d\d% top-5 \d+\.\d\d% \(card: top-1 66\.67% '
+                     r'top-5 100\.00%\)$', ok.stdout, re.M), ok.stdout
     sha = hashlib.sha256((exported / 'model.safetensors').read_bytes()).hexdigest()
     assert f'sha256 {sha}  model.safetensors' in ok.stdout
     wrong = subprocess.run([sys.executable, 'hub/verify.py', str(exported), '--revision', 'main'], cwd=REPO, env=env,

@@ -168,7 +168,7 @@ def test_unknown_tag():
 def test_offline_without_cache(monkeypatch, tmp_path):
     point_client_at(monkeypatch, 'http://127.0.0.1:9', tmp_path / 'empty-cache')
     go_offline(monkeypatch)
-    with pytest.raises(RuntimeError, match=r'gcp_resnet18.a1_in1k: cannot load the backbone weights of Hub repo '
+    with pytest.raises(RuntimeError, match=r'gcp_resnet18.a1_in1k: cannot load the weights of Hub repo '
                                            r'timm/resnet18.a1_in1k \(HF_HUB_OFFLINE is set'):
         timm.create_model('gcp_resnet18', pretrained=True)
 

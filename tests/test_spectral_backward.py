@@ -122,11 +122,14 @@ def test_rank_deficient_gradient_against_closed_form(method):
     features = torch.randn(2, 24, 10, generator=g, dtype=torch.float64)  # rank 9 < 24
     cov = timm_gcp.covariance(features).requires_grad_()
     grad_out = torch.randn(2, 24, 24, generator=g, dtype=torch.float64)
-    layer = create_layer(method, torch.float64)
+    # a clamp far above round-off (~1e-15·λ_max): every null-space eigenvalue ties exactly, whatever LAPACK returns
+    eps = 1e-12
+    name, kwargs = LAYERS[method]
+    layer = timm_gcp.create_meta_layer(name, float64=True, eps=eps, **kwargs)
     grad, = torch.autograd.grad((layer(cov) * grad_out).sum(), cov)
 
     evals, evecs = torch.linalg.eigh(cov.detach())
-    evals = clamp_eigenvalues(evals, torch.finfo(torch.float64).eps)
+    evals = clamp_eigenvalues(evals, eps)
     roots = evals.sqrt()
     gap = evals[:, :, None] - evals[:, None, :]
     tied = gap == 0

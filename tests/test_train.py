@@ -21,26 +21,18 @@ from timm_gcp.meta_layers import MetaLayer, is_meta_layer, register_meta_layer
 from timm_gcp.training.checkpoint import read_train_state
 from timm_gcp.training.errors import CheckpointError
 
+from conftest import BUNDLED_DATA, image_subset
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--recipe', 'none', '--model', 'gcp_resnet18', '--model-kwargs', 'gcp_dim=8', '--img-size', '32', '-b', '4',
         '--lr', '0.01', '--smoothing', '0', '--workers', '0', '--no-progress', '--log-with', 'none', '--seed', '0']
 SUBPROCESS_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 
 
-def _subset(src: Path, dst: Path, classes: int, train: int, val) -> Path:
-    """Copy the first `classes` classes, `train` images each and `val[i]` validation images of class i."""
-    for c, name in enumerate(sorted(p.name for p in (src / 'train').iterdir())[:classes]):
-        for split, count in (('train', train), ('val', val[c])):
-            (dst / split / name).mkdir(parents=True)
-            for f in sorted((src / split / name).iterdir())[:count]:
-                shutil.copy(f, dst / split / name / f.name)
-    return dst
-
-
 @pytest.fixture(scope='module')
-def flowers(shared_data, tmp_path_factory) -> Path:
-    """3 flower classes, 8 training images each, 7 validation images (an odd count)."""
-    return _subset(shared_data / 'flowers', tmp_path_factory.mktemp('flowers'), 3, 8, (3, 2, 2))
+def tiny_pets(tmp_path_factory) -> Path:
+    """3 classes of the bundled pets sample, 8 training images each, 5 validation images (an odd count)."""
+    return image_subset(BUNDLED_DATA, tmp_path_factory.mktemp('pets'), 3, 8, (2, 2, 1))
 
 
 @pytest.fixture(scope='module')
@@ -77,13 +69,13 @@ def _assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_end_to_end_flowers(run_train, flowers, tmp_path, capsys):
+def test_end_to_end(run_train, tiny_pets, tmp_path, capsys):
     out = tmp_path / 'run'
-    result = run_train(*TINY, '--data-dir', flowers, '--epochs', '3', '--output', out, '--log-with', 'tensorboard',
+    result = run_train(*TINY, '--data-dir', tiny_pets, '--epochs', '3', '--output', out, '--log-with', 'tensorboard',
                        '--flip-test')
     metrics = json.loads((out / 'metrics.json').read_text())
     assert [row['epoch'] for row in metrics['history']] == [0, 1, 2]
-    assert all(row['val_images'] == 7 and row['train_images'] == 24 for row in metrics['history'])
+    assert all(row['val_images'] == 5 and row['train_images'] == 24 for row in metrics['history'])
     assert metrics['final']['epoch'] == 2 and metrics['final']['top1'] == metrics['history'][-1]['top1']
     assert metrics['best']['top1'] == max(row['top1'] for row in metrics['history'])
     with open(out / 'summary.csv', newline='') as f:                    # timm's update_summary, one row per epoch
@@ -94,14 +86,14 @@ def test_end_to_end_flowers(run_train, flowers, tmp_path, capsys):
     assert len(list((out / 'checkpoints').glob('checkpoint-*'))) == 2
     config = json.loads((out / 'model' / 'config.json').read_text())
     assert config['architecture'] == 'gcp_resnet18'
-    assert config['label_names'] == sorted(p.name for p in (flowers / 'train').iterdir())
+    assert config['label_names'] == sorted(p.name for p in (tiny_pets / 'train').iterdir())
     printed = capsys.readouterr().out
     assert f'Hub-ready model: {out / "model"}' in printed
     assert f'timm-gcp push {out / "model"} --repo-id ORG/NAME' in printed
     # the exported model alone reproduces the reported accuracy
     model = timm.create_model(f'local-dir:{out / "model"}', pretrained=True).eval()
     torch.testing.assert_close(model.state_dict()['fc.weight'], result['model'].state_dict()['fc.weight'])
-    loader = torch.utils.data.DataLoader(_val_set(flowers, result['data_config']), batch_size=7)
+    loader = torch.utils.data.DataLoader(_val_set(tiny_pets, result['data_config']), batch_size=5)
     x, y, _ = next(iter(loader))
     with torch.no_grad():
         logits = (model(x) + model(x.flip(3))) / 2
@@ -117,10 +109,10 @@ def _val_set(root: Path, data_config):
 
 
 @pytest.mark.slow
-def test_end_to_end_birds_with_regularisers(run_train, shared_data, tmp_path):
-    birds = _subset(shared_data / 'birds', tmp_path / 'birds', 4, 6, (2, 2, 2, 1))
+def test_end_to_end_with_regularisers(run_train, tmp_path):
+    pets = image_subset(BUNDLED_DATA, tmp_path / 'pets', 4, 6, (2, 2, 2, 1))
     out = tmp_path / 'run'
-    run_train(*TINY, '--data-dir', birds, '--epochs', '1', '--output', out, '--mixup', '0.2', '--cutmix', '1.0',
+    run_train(*TINY, '--data-dir', pets, '--epochs', '1', '--output', out, '--mixup', '0.2', '--cutmix', '1.0',
               '--smoothing', '0.1', '--model-ema', '--model-ema-decay', '0.5', '--grad-accum-steps', '2',
               '--clip-grad', '1.0', '--channels-last', '--mixed-precision', 'bf16', '--head-lr-mult', '5')
     row = json.loads((out / 'metrics.json').read_text())['history'][0]
@@ -132,9 +124,9 @@ def test_end_to_end_birds_with_regularisers(run_train, shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_unreadable_images_counted(run_train, flowers, tmp_path):
+def test_unreadable_images_counted(run_train, tiny_pets, tmp_path):
     data = tmp_path / 'data'
-    shutil.copytree(flowers, data)
+    shutil.copytree(tiny_pets, data)
     train_img = sorted((data / 'train').rglob('*.jpg'))[0]
     train_img.write_bytes(train_img.read_bytes()[:300])                 # truncated
     val_img = sorted((data / 'val').rglob('*.jpg'))[0]
@@ -147,17 +139,17 @@ def test_unreadable_images_counted(run_train, flowers, tmp_path):
     out = tmp_path / 'run'
     run_train(*TINY, '--data-dir', data, '--epochs', '1', '--output', out)
     row = json.loads((out / 'metrics.json').read_text())['history'][0]
-    assert (row['unreadable_train'], row['unreadable_val'], row['val_images']) == (1, 1, 6)
+    assert (row['unreadable_train'], row['unreadable_val'], row['val_images']) == (1, 1, 4)
 
 
 @pytest.mark.slow
-def test_hybrid_switch_survives_resume(run_train, flowers, tmp_path):
+def test_hybrid_switch_survives_resume(run_train, tiny_pets, tmp_path):
     if not is_meta_layer('test_halved_isqrt'):
         @register_meta_layer('test_halved_isqrt')
         class HalvedIsqrt(MetaLayer):  # a meta-layer only this process knows: proves the switch is in effect
             def normalize(self, cov):
                 return timm_gcp.create_meta_layer('isqrt')(cov) / 2
-    args = [*TINY, '--data-dir', flowers, '--epochs', '2', '--switch-meta-layer', 'test_halved_isqrt@1',
+    args = [*TINY, '--data-dir', tiny_pets, '--epochs', '2', '--switch-meta-layer', 'test_halved_isqrt@1',
             '--checkpoint-interval', '2', '--checkpoint-hist', '10']
     full = run_train(*args, '--output', tmp_path / 'full')
     assert full['model'].global_pool.meta_layer_name == 'test_halved_isqrt'
@@ -173,26 +165,26 @@ def test_hybrid_switch_survives_resume(run_train, flowers, tmp_path):
         'test_halved_isqrt'
 
 
-def test_errors_before_any_work(run_train, flowers, tmp_path):
+def test_errors_before_any_work(run_train, tiny_pets, tmp_path):
     base = [*TINY, '--epochs', '1']
     with pytest.raises(FileNotFoundError, match='does not exist'):
         run_train(*base, '--data-dir', tmp_path / 'missing', '--output', tmp_path / 'r0')
     with pytest.raises(ValueError, match="Unknown model 'gcp_resnet_19'"):
-        run_train(*base, '--data-dir', flowers, '--model', 'gcp_resnet_19', '--output', tmp_path / 'r1')
+        run_train(*base, '--data-dir', tiny_pets, '--model', 'gcp_resnet_19', '--output', tmp_path / 'r1')
     with pytest.raises(ValueError, match='needs a GCP model with set_meta_layer'):
-        run_train(*base, '--data-dir', flowers, '--model', 'resnet18', '--model-kwargs', '--switch-meta-layer',
+        run_train(*base, '--data-dir', tiny_pets, '--model', 'resnet18', '--model-kwargs', '--switch-meta-layer',
                   'eig@1',
                   '--output', tmp_path / 'r2')
     with pytest.raises(ValueError, match="unknown meta-layer 'nope'"):
-        run_train(*base, '--data-dir', flowers, '--switch-meta-layer', 'nope@1', '--output', tmp_path / 'r3')
+        run_train(*base, '--data-dir', tiny_pets, '--switch-meta-layer', 'nope@1', '--output', tmp_path / 'r3')
     with pytest.raises(ValueError, match='even --batch-size'):
-        run_train(*base, '--data-dir', flowers, '--mixup', '0.2', '-b', '3', '--output', tmp_path / 'r4')
+        run_train(*base, '--data-dir', tiny_pets, '--mixup', '0.2', '-b', '3', '--output', tmp_path / 'r4')
     with pytest.raises(ValueError, match='fewer than one batch'):
-        run_train(*base, '--data-dir', flowers, '-b', '64', '--output', tmp_path / 'r5')
+        run_train(*base, '--data-dir', tiny_pets, '-b', '64', '--output', tmp_path / 'r5')
     with pytest.raises(ValueError, match=r'cannot run at input size \(3, 8, 8\) \(--img-size too small\?\)'):
-        run_train(*base, '--data-dir', flowers, '--img-size', '8', '--output', tmp_path / 'r6')
+        run_train(*base, '--data-dir', tiny_pets, '--img-size', '8', '--output', tmp_path / 'r6')
     with pytest.raises(CheckpointError, match='no checkpoint found'):
-        run_train(*base, '--data-dir', flowers, '--resume', tmp_path / 'r5')
+        run_train(*base, '--data-dir', tiny_pets, '--resume', tmp_path / 'r5')
     assert not any((tmp_path / f'r{i}').exists() for i in range(7))  # failed runs leave no run folder behind
 
 
@@ -206,10 +198,10 @@ def _updates_logged(lines):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted(flowers, tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted(tiny_pets, tmp_path):
     """Killed mid-epoch: at most one checkpoint interval is lost and the resumed run ends bit-for-bit (1e-6) where
     an uninterrupted run ends (augmentations, dropout, optimizer, scheduler and EMA all restored)."""
-    args = [*TINY, '--data-dir', flowers, '--epochs', '2', '--checkpoint-interval', '2', '--log-interval', '1',
+    args = [*TINY, '--data-dir', tiny_pets, '--epochs', '2', '--checkpoint-interval', '2', '--log-interval', '1',
             '--drop', '0.2', '--model-ema', '--model-ema-decay', '0.9', '--sched', 'cosine', '--sched-on-updates']
     full = _start([*args, '--output', tmp_path / 'full'])
     killed = _start([*args, '--output', tmp_path / 'killed'])
@@ -237,9 +229,9 @@ def test_sigkill_then_resume_matches_uninterrupted(flowers, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_at_the_current_update(flowers, tmp_path):
+def test_sigterm_checkpoints_at_the_current_update(tiny_pets, tmp_path):
     out = tmp_path / 'run'
-    proc = _start([*TINY, '--data-dir', flowers, '--epochs', '3', '--log-interval', '1', '--output', out])
+    proc = _start([*TINY, '--data-dir', tiny_pets, '--epochs', '3', '--log-interval', '1', '--output', out])
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -254,20 +246,21 @@ def test_sigterm_checkpoints_at_the_current_update(flowers, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_gloo(flowers, tmp_path):
-    """torchrun, 2 CPU processes: replicas identical, every validation image counted once (7, odd), scheduler
+def test_two_processes_gloo(tiny_pets, tmp_path):
+    """torchrun, 2 CPU processes: replicas identical, every validation image counted once (5, odd), scheduler
     stepped once per update (not once per process)."""
     out = tmp_path / 'run'
     worker = ROOT / 'tests' / 'train_rank_dump.py'
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(worker),
-         *TINY, '--data-dir', flowers, '--epochs', '2', '--output', out, '--sched', 'cosine', '--sched-on-updates',
+         *TINY, '--data-dir', tiny_pets, '--epochs', '2', '--output', out, '--sched', 'cosine', '--sched-on-updates',
          '--lr', '0.1', '--warmup-epochs', '0'],
         cwd=ROOT, env={**SUBPROCESS_ENV, 'ACCELERATE_USE_CPU': '1'}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same_weights(load_file(out / 'rank0.safetensors'), load_file(out / 'rank1.safetensors'))
     metrics = json.loads((out / 'metrics.json').read_text())
-    assert [row['val_images'] for row in metrics['history']] == [7, 7]
+    assert metrics['command'].startswith('torchrun --nproc_per_node 2 train.py ')  # the launcher it was started with
+    assert [row['val_images'] for row in metrics['history']] == [5, 5]
     assert [row['train_images'] for row in metrics['history']] == [24, 24]
     state = read_train_state(sorted((out / 'checkpoints').glob('checkpoint-*'))[-1])
     assert state.updates == 6                                            # 24 images / (2 processes x 4) x 2 epochs
@@ -277,11 +270,11 @@ def test_two_processes_gloo(flowers, tmp_path):
 
 
 @pytest.mark.slow
-def test_backbone_weights_from_plain_resnet_checkpoint(run_train, flowers, tmp_path):
+def test_backbone_weights_from_plain_resnet_checkpoint(run_train, tiny_pets, tmp_path):
     from safetensors.torch import save_file
     plain = timm.create_model('resnet18', num_classes=1000)
     save_file(plain.state_dict(), str(tmp_path / 'resnet18.safetensors'))
-    result = run_train(*TINY, '--data-dir', flowers, '--epochs', '1', '--lr', '0', '--output', tmp_path / 'run',
+    result = run_train(*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--lr', '0', '--output', tmp_path / 'run',
                        '--backbone-weights', tmp_path / 'resnet18.safetensors')
     trained = result['model'].state_dict()
     for key in ('conv1.weight', 'layer4.1.conv2.weight'):
@@ -306,9 +299,9 @@ def test_default_run_uses_the_bundled_pets_sample(run_train, tmp_path, monkeypat
     ('resnet18', [], 'ResNet'),                                          # any timm model
     ('gcp_resnet18', ['gcp_dim=8'], 'GcpResNet'),                        # the GCP head traced for training
 ])
-def test_torchcompile(run_train, flowers, tmp_path, model_name, model_args, cls):
+def test_torchcompile(run_train, tiny_pets, tmp_path, model_name, model_args, cls):
     out = tmp_path / 'run'
-    result = run_train(*TINY, '--data-dir', flowers, '--epochs', '1', '--output', out, '--model', model_name,
+    result = run_train(*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--output', out, '--model', model_name,
                        '--model-kwargs', *model_args, '--torchcompile', 'eager', '--checkpoint-interval', '3',
                        '--model-ema')
     assert type(result['model']).__name__ == cls                        # the EMA copy of the bare model

@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Union
 import timm
 import yaml
 
+from .._text import preview
+
 STATUSES = ('published', 'converted', 'planned')
 TABLE_BEGIN, TABLE_END = '<!-- model-table -->\n', '<!-- /model-table -->'
 
@@ -84,7 +86,7 @@ def check_registry(entries: List[Dict[str, Any]]) -> None:
     unlisted = [name for name in timm.list_pretrained(['gcp_*', 'gsop_*']) if name not in published
                 and not (timm.models.get_pretrained_cfg(name).hf_hub_id or '').startswith('timm/')]
     if unlisted:
-        raise ValueError(f'{unlisted[:5]} are registered with GCP-trained weights but not published in the '
+        raise ValueError(f'{preview(unlisted)} are registered with GCP-trained weights but not published in the '
                          f'catalogue: add a published entry (hub_id, metrics, sha256) for each')
 
 

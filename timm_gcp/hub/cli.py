@@ -41,8 +41,9 @@ def _verify(args: argparse.Namespace) -> None:
     print(''.join(f'  sha256 {sha}  {name}\n' for name, sha in sorted(report.sha256.items())), end='')
     print(f"{'hf-hub' if report.commit else 'local-dir'}: load reproduces model.safetensors exactly")
     if report.measured:
+        card = ' '.join(f'{key[:3]}-{key[3:]} {value:.2f}%' for key, value in report.card.items())
         print(f"re-evaluated on {report.measured['count']} images: top-1 {report.measured['top1']:.2f}% "
-              f"top-5 {report.measured['top5']:.2f}% (card: {report.card})")
+              f"top-5 {report.measured['top5']:.2f}% (card: {card})")
 
 
 def _convert(args: argparse.Namespace) -> None:

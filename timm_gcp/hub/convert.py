@@ -5,6 +5,7 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import timm
 from torch import nn
 
+from .._text import preview
 from ..models.gcp_resnet import official_layout, remap_official
 from .export import export_model
 
@@ -38,7 +39,7 @@ def convert_checkpoint(src: Union[str, Path], model_name: str, output_dir: Union
         raise ValueError(f'{src} is no state dict that torch.load(weights_only=True) can read: {e}') from e
     layout = official_layout(state_dict)
     if layout is None:
-        raise ValueError(f'unknown checkpoint layout in {src} (no official GCP head): {sorted(state_dict)[:5]}')
+        raise ValueError(f'unknown checkpoint layout in {src} (no official GCP head); its keys: {preview(sorted(state_dict))}')
     ours = remap_official(state_dict)  # read here only for the sizes the model is built with
     spec = SOURCES[source]
     meta_layer = meta_layer or spec.meta_layer

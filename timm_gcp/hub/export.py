@@ -20,6 +20,7 @@ from safetensors import safe_open
 from timm.models import save_for_hf
 from torch import nn
 
+from .._text import preview
 from ..layers import GCPPool, gcp_feature_dim
 from ..training.model import nonfinite_tensors
 
@@ -33,7 +34,7 @@ _SOURCE_KEYS = ('tag', 'notes', 'origin_url', 'paper_ids', 'paper_name')  # they
 def _check_finite_tensors(tensors: Iterable[Tuple[str, torch.Tensor]], what: str) -> None:
     bad = nonfinite_tensors(tensors)
     if bad:
-        raise ValueError(f'{what} has {len(bad)} non-finite tensors (NaN/Inf), e.g. {bad[:5]}: the run diverged; '
+        raise ValueError(f'{what} has {len(bad)} non-finite tensors (NaN/Inf): {preview(bad)}; the run diverged; '
                          f'refusing to publish it')
 
 
@@ -83,7 +84,7 @@ def _model_card(model: nn.Module, config: Dict[str, Any], args: Dict[str, Any], 
     meta_layer = next((m.meta_layer_name for m in model.modules() if isinstance(m, GCPPool)), None)
     results = [EvalResult(task_type='image-classification', dataset_type=dataset or 'unknown',
                           dataset_name=dataset or 'unknown', dataset_split='validation', metric_type='accuracy',
-                          metric_name=name, metric_value=float(metrics[key]))
+                          metric_name=name, metric_value=round(float(metrics[key]), 2))
                for name, key in _TOP_K.items() if metrics.get(key) is not None]
     data = ModelCardData(library_name='timm', pipeline_tag='image-classification',
                          tags=['image-classification', 'timm', 'timm-gcp'],
@@ -109,7 +110,7 @@ def _model_card(model: nn.Module, config: Dict[str, Any], args: Dict[str, Any], 
     if metrics:
         lines += ['', '## Results', '', f'Measured on the validation split of `{dataset or "unknown"}` '
                   '(accuracy in %).', '', '| metric | value |', '|---|---|']
-        lines += [f'| {k} | {v} |' for k, v in metrics.items()]
+        lines += [f'| {k} | {v:.2f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in metrics.items()]
     if recipe or command:
         lines += ['', '## Training', '']
         if command:

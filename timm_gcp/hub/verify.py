@@ -14,6 +14,7 @@ from huggingface_hub.utils.sha import git_hash
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_model_data_config
 
+from .._text import preview
 from ..training.data import create_dataloader, create_eval_dataset
 from ..training.evaluate import evaluate
 from .export import EXPORT_FILES, card_metrics, check_export_dir
@@ -82,7 +83,7 @@ def _check_model(model_name: str, folder: Path, data_dir: Optional[Union[str, Pa
     missing = sorted(set(state) - set(expected))
     if differ or missing:
         raise VerificationError(f"{model_name.split(':')[0]}: loading did not reproduce model.safetensors: "
-                                f"differing {differ[:5]}, missing {missing[:5]}")
+                                f"differing: {preview(differ) or 'none'}; missing: {preview(missing) or 'none'}")
     card = card_metrics(ModelCard.load(folder / 'README.md'))
     if data_dir is None:
         return card, {}

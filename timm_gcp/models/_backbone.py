@@ -1,5 +1,6 @@
 """Initialise a GCP model's backbone from a plain timm checkpoint of its backbone architecture: the one loading path
 of `pretrained=True` (as timm's `pretrained_filter_fn`) and of `load_backbone_weights`."""
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -7,7 +8,7 @@ from typing import Dict, List, Mapping, Tuple, Union
 
 import timm
 import torch
-from timm.models import load_state_dict
+from timm.models import PretrainedCfg, load_state_dict
 from torch import nn
 
 from ._hub_access import hub_weights
@@ -26,10 +27,17 @@ def _read_state_dict(source: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]
     if Path(name).suffix in _CHECKPOINT_SUFFIXES or os.sep in name and not name.startswith('hf-hub:'):
         raise FileNotFoundError(f'backbone checkpoint {name} does not exist')
     if name.startswith('hf-hub:'):
-        return timm.create_model(name, pretrained=True).state_dict()
-    if timm.is_model(name.split('.', 1)[0]):
-        cfg = timm.models.get_pretrained_cfg(name)
-        with hub_weights(name, cfg, cfg is not None and bool(cfg.hf_hub_id)):
+        with hub_weights(name, PretrainedCfg(hf_hub_id=name[len('hf-hub:'):]), True):
+            return timm.create_model(name, pretrained=True).state_dict()
+    arch = name.split('.', 1)[0]
+    if timm.is_model(arch):
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError:  # timm's 'Invalid pretrained tag'
+            tags = timm.list_pretrained(f'{arch}.*')
+            raise ValueError(f'{name!r}: timm has no such pretrained tag of {arch}; did you mean '
+                             f'{", ".join(difflib.get_close_matches(name, tags, n=5, cutoff=0)) or arch}?') from None
+        with hub_weights(name, cfg, bool(cfg and cfg.hf_hub_id)):
             return timm.create_model(name, pretrained=True).state_dict()
     raise ValueError(f'{name!r} is neither a checkpoint file nor a timm model name such as "resnet50.a1_in1k"')
 

@@ -16,6 +16,7 @@ class GcpHeadMixin:
     The model sets `num_features`, then `set_gcp_dim` and `dropcov`, before calling `set_meta_layer` and
     `reset_classifier`.
     """
+    output_fmt: str = 'NCHW'  # layout of forward_features' output, as timm models state it ('NHWC', 'NLC' ...)
     num_features: int
     in_chans: int
     gcp_dim: int

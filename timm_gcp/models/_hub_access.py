@@ -6,21 +6,30 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_
 from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 from timm.models import PretrainedCfg
 
-__all__ = ['hub_weights']
+__all__ = ['WeightsUnavailable', 'hub_weights']
 
 _PROBE_TIMEOUT_S = 10
 
 
-def fetch_error(name: str, cfg: PretrainedCfg, cause: BaseException) -> RuntimeError:
-    """The error for weights of `name` that neither the cache nor the Hub can deliver, and what to do."""
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights of `name` (from Hub repo `repo_id`) that neither the Hugging Face cache nor the Hub can
+    deliver, `reason` saying why; the message says what to do from Python."""
+
+    def __init__(self, name: str, repo_id: str, reason: str):
+        self.name, self.repo_id, self.reason = name, repo_id, reason
+        super().__init__(
+            f'{name}: cannot load the weights of Hub repo {repo_id} ({reason}). Load it once with network access '
+            f'to fill the cache (HF_HUB_OFFLINE=1 works after that), pass a local copy with '
+            f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"), or use pretrained=False.')
+
+
+def fetch_error(name: str, cfg: PretrainedCfg, cause: BaseException) -> WeightsUnavailable:
+    """The error for weights of `name` that neither the cache nor the Hub can deliver."""
     if constants.HF_HUB_OFFLINE:
         reason = 'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache'
     else:
         reason = f'{constants.ENDPOINT} cannot deliver them: {type(cause).__name__}: {str(cause).splitlines()[0]}'
-    return RuntimeError(
-        f'{name}: cannot load the backbone weights of Hub repo {cfg.hf_hub_id} ({reason}). Load it once '
-        f'with network access to fill the cache (HF_HUB_OFFLINE=1 works after that), pass a local copy with '
-        f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"), or use pretrained=False.')
+    return WeightsUnavailable(name, cfg.hf_hub_id, reason)
 
 
 def check_hub_reachable(name: str, cfg: PretrainedCfg) -> None:

@@ -87,6 +87,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
         super().__init__()
         self.base_arch = base_arch
         self.family = family
+        self.output_fmt = family.output_fmt  # the layout forward_features returns, as timm models state it
         self.base_kwargs = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype')}
         self.backbone = timm.create_model(
             base_arch, num_classes=0, global_pool='', in_chans=in_chans, **dict(family.base_kwargs, **kwargs))

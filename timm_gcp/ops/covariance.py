@@ -6,6 +6,8 @@ from typing import Callable, Iterator
 import torch
 from timm.layers import register_notrace_function
 
+from .._text import preview
+
 __all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'check_square_batch',
            'check_covariance', 'symmetrize', 'autocast_enabled', 'NonFiniteCovarianceError',
            'IndefiniteCovarianceError', 'refuse_torchscript']
@@ -72,8 +74,7 @@ def symmetrize(m: torch.Tensor) -> torch.Tensor:
 
 def _batch_elements(bad: list) -> str:
     indices = [i for i, flag in enumerate(bad) if flag]
-    shown = ', '.join(map(str, indices[:8])) + (', ...' if len(indices) > 8 else '')
-    return f'{len(indices)} of {len(bad)} matrices, batch elements [{shown}]'
+    return f'{len(indices)} of {len(bad)} matrices, batch elements [{preview(indices, 8)}]'
 
 
 def check_covariance(cov: torch.Tensor, what: str = 'input covariance') -> None:

@@ -16,6 +16,8 @@ from timm.data.readers.reader_image_folder import find_images_and_targets
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
 
+from .._text import preview
+
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
@@ -92,7 +94,7 @@ def _index_folder(split_dir: Path, class_names: Optional[Sequence[str]] = None) 
         raise ValueError(f'{split_dir} holds no class folders; expected <split>/<class>/<image> files')
     unknown = sorted(set(folders) - set(class_names or folders))
     if unknown:
-        raise ValueError(f'{split_dir} has classes the model does not know: {unknown[:10]}')
+        raise ValueError(f'{split_dir} has classes the model does not know: {preview(unknown)}')
     class_names = list(class_names or folders)
     class_to_idx = {name: index for index, name in enumerate(class_names)}
     samples, _ = find_images_and_targets(str(split_dir), IMG_EXTENSIONS, class_to_idx)

@@ -22,6 +22,11 @@ class OutputInUse(FileExistsError):
     train_exit_code = 6
 
 
+class WeightsUnreachable(RuntimeError):
+    """Pretrained weights the run asked for that neither the Hugging Face cache nor the Hub can deliver."""
+    train_exit_code = 7
+
+
 def exit_code_of(err: BaseException) -> Optional[int]:
     """The exit code of a user error, None for anything else (a bug: keep its traceback)."""
     return getattr(err, 'train_exit_code', None)

@@ -1,28 +1,72 @@
 """Model set-up for training any timm model: creation, checks, meta-layer switch and optimizer parameter groups."""
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+import difflib
+from contextlib import nullcontext
+from typing import Any, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import timm
 import torch
+from timm.models import PretrainedCfg
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from .._text import preview
 from ..meta_layers import list_meta_layers
+from ..models import WeightsUnavailable, hub_weights
+from .errors import WeightsUnreachable
 
 
 def create_train_model(name: str, num_classes: int, pretrained: bool = False, model_kwargs: Optional[Dict] = None,
                        drop_rate: Optional[float] = None, drop_path_rate: Optional[float] = None,
                        initial_checkpoint: Optional[str] = None, backbone_weights: Optional[str] = None) -> nn.Module:
-    """`timm.create_model` with a clear error for unknown names, optional backbone initialisation."""
-    if not (name.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(name)):
-        similar = timm.list_models(f'*{name.split(".")[0]}*')[:10] or timm.list_models('gcp_*')
-        raise ValueError(f'Unknown model {name!r}; similar registered models: {", ".join(similar)}')
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate,
-                              drop_path_rate=drop_path_rate, checkpoint_path=initial_checkpoint or None,
-                              **(model_kwargs or {}))
-    if backbone_weights:
-        from ..models import load_backbone_weights  # logs which keys stay freshly initialised
-        load_backbone_weights(model, backbone_weights)
+    """`timm.create_model` with one clear error for an unknown name or tag and for weights the Hub cannot deliver (in
+    train.py's flags), and optional backbone initialisation."""
+    try:
+        with _from_hub(name, pretrained):
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate,
+                                      drop_path_rate=drop_path_rate, checkpoint_path=initial_checkpoint or None,
+                                      **(model_kwargs or {}))
+        if backbone_weights:
+            from ..models import load_backbone_weights  # logs which keys stay freshly initialised
+            load_backbone_weights(model, backbone_weights)
+    except WeightsUnavailable as err:
+        raise WeightsUnreachable(_ways_out(err, name, backbone_weights)) from None
     return model
+
+
+def _from_hub(name: str, pretrained: bool) -> ContextManager[None]:
+    """`hub_weights` around creating `name` where anything comes from the Hub; ValueError for an unknown model or
+    pretrained tag."""
+    if name.startswith('hf-hub:'):  # its config.json comes from the Hub even without --pretrained
+        return hub_weights(name, PretrainedCfg(hf_hub_id=name[len('hf-hub:'):]), True)
+    if name.startswith('local-dir:'):
+        return nullcontext()
+    arch = name.split('.', 1)[0]
+    if not timm.is_model(arch):
+        similar = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f'Unknown model {name!r}; ' + (f'did you mean {", ".join(similar)}?' if similar else
+                         "timm.list_models() lists them (timm.list_models('gcp_*'): the GCP models)"))
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm's 'Invalid pretrained tag'
+        raise ValueError(f'{arch} has no pretrained tag {name.split(".", 1)[1]!r}; its tags: '
+                         f'{preview(timm.list_pretrained(f"{arch}.*"), 10)}') from None
+    return hub_weights(name, cfg, bool(pretrained and cfg and cfg.hf_hub_id and not cfg.file))
+
+
+def _ways_out(err: WeightsUnavailable, model: str, backbone_weights: Optional[str]) -> str:
+    """`err` with what a train.py user can do about it."""
+    subject = model
+    if err.name == backbone_weights:
+        subject = f'--backbone-weights {err.name}'
+        local = f'--backbone-weights FILE, FILE a local copy of the model.safetensors of {err.repo_id}'
+    elif model.startswith('hf-hub:'):
+        local = f'--model local-dir:FOLDER, FOLDER a local copy of {err.repo_id} (config.json, model.safetensors)'
+    else:
+        local = (f'--backbone-weights FILE instead of --pretrained, FILE a local copy of the model.safetensors of '
+                 f'{err.repo_id} (the plain timm state dict of the backbone; its classifier is dropped)')
+    return (f'{subject}: cannot load the weights of Hub repo {err.repo_id} ({err.reason}). Three ways out: connect to '
+            f'the Hub and run again; set HF_HUB_OFFLINE=1 with a Hugging Face cache that holds {err.repo_id} (filled '
+            f'once on a connected machine: hf download {err.repo_id}); or pass {local}')
 
 
 def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], name: str) -> None:
