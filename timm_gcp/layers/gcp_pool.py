@@ -1,4 +1,5 @@
 """Global covariance pooling: 1x1 reduction, covariance, meta-layer, upper-triangular vectorisation."""
+import inspect
 from typing import Any, Dict, Optional
 
 import torch
@@ -9,7 +10,7 @@ from ..meta_layers import create_meta_layer
 from ..ops import NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_vec
 from .channel_dropout import AdaptiveChannelDropout
 
-__all__ = ['GCPPool', 'gcp_feature_dim']
+__all__ = ['GCPPool', 'HEAD_OPTIONS', 'gcp_feature_dim', 'head_option_defaults']
 
 
 def gcp_feature_dim(dim: int) -> int:
@@ -68,6 +69,11 @@ class GCPPool(nn.Module):
     def out_features(self) -> int:
         return gcp_feature_dim(self.dim)
 
+    @property
+    def options(self) -> Dict[str, Any]:
+        """Its `HEAD_OPTIONS` and their values."""
+        return {name: getattr(self, name) for name in HEAD_OPTIONS}
+
     def set_meta_layer(self, name: str, **kwargs) -> None:
         """Swap the matrix normalisation (same parameters, different function: the hybrid protocol)."""
         self.meta_layer = create_meta_layer(name, **kwargs)
@@ -90,3 +96,15 @@ class GCPPool(nn.Module):
                 f'it was given (the backbone output) hold NaN/Inf or values that overflow float32, e.g. after a '
                 f'diverged training run or from non-finite input images. {err}') from None
         return pooled if autocast_enabled(x) else pooled.to(x.dtype)
+
+
+HEAD_OPTIONS = ('dropcov',)
+"""GCPPool's keyword options beyond the reduction width and the meta-layer. Each is also a model kwarg of every GCP
+model (`timm.create_model('gcp_resnet50', dropcov=True)`), passed to its head and recorded in its config.json: a new
+head option is a keyword of GCPPool, an attribute of the same name, and its name here."""
+
+
+def head_option_defaults() -> Dict[str, Any]:
+    """`HEAD_OPTIONS` with GCPPool's defaults."""
+    parameters = inspect.signature(GCPPool.__init__).parameters
+    return {name: parameters[name].default for name in HEAD_OPTIONS}

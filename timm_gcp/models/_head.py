@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Tuple
 from timm.layers import create_classifier
 from torch import nn
 
-from ..layers import GCPPool, GSoPBlock
+from ..layers import HEAD_OPTIONS, GCPPool, GSoPBlock, head_option_defaults
 from ..meta_layers import create_meta_layer
 
 __all__ = ['GcpHeadMixin']
@@ -13,14 +13,14 @@ __all__ = ['GcpHeadMixin']
 class GcpHeadMixin:
     """Head methods of a timm model whose `global_pool` is a GCPPool (or any timm pool) followed by `fc`.
 
-    The model sets `num_features`, then `set_gcp_dim` and `dropcov`, before calling `set_meta_layer` and
-    `reset_classifier`.
+    The model sets `num_features`, then `set_gcp_dim` and `head_options` (`pop_head_options` of its kwargs), before
+    calling `set_meta_layer` and `reset_classifier`.
     """
     output_fmt: str = 'NCHW'  # layout of forward_features' output, as timm models state it ('NHWC', 'NLC' ...)
     num_features: int
     in_chans: int
     gcp_dim: int
-    dropcov: bool
+    head_options: Dict[str, Any]  # GCPPool's HEAD_OPTIONS, every one with its value
     global_pool: nn.Module
     fc: nn.Module
 
@@ -30,6 +30,12 @@ class GcpHeadMixin:
             raise ValueError(f'gcp_dim must be an int from 1 to {self.num_features} (the backbone width), '
                              f'got {gcp_dim!r}')
         self.gcp_dim = gcp_dim
+
+    @staticmethod
+    def pop_head_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The GCP head's `HEAD_OPTIONS` taken out of a model's `kwargs` (the rest go to its backbone), with GCPPool's
+        defaults for those not given."""
+        return {**head_option_defaults(), **{name: kwargs.pop(name) for name in HEAD_OPTIONS if name in kwargs}}
 
     def gcp_model_args(self) -> Dict[str, Any]:
         """The JSON-serialisable kwargs that rebuild this model: pass them as `model_args` to timm's
@@ -41,7 +47,7 @@ class GcpHeadMixin:
             gcp_dim=self.gcp_dim,
             meta_layer=self.meta_layer_name,
             meta_layer_kwargs=dict(self.meta_layer_kwargs),
-            dropcov=self.dropcov,
+            **self.head_options,
         )
 
     @property
@@ -72,7 +78,7 @@ class GcpHeadMixin:
         if global_pool == 'gcp':
             if not isinstance(self.global_pool, GCPPool):
                 self.global_pool = GCPPool(
-                    self.num_features, self.gcp_dim, self.meta_layer_name, self.meta_layer_kwargs, self.dropcov)
+                    self.num_features, self.gcp_dim, self.meta_layer_name, self.meta_layer_kwargs, **self.head_options)
             self.head_hidden_size = self.global_pool.out_features
             self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         else:

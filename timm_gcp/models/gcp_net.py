@@ -16,6 +16,7 @@ from timm.models import (
     convnext, deit, generate_default_cfgs, register_model, swin_transformer, vision_transformer)
 from torch import nn
 
+from ..layers import HEAD_OPTIONS
 from ._head import GcpHeadMixin
 from ._pretrained import ISQRT_COV_PAPER, backbone_tags, build_gcp_model, resolve_tag
 
@@ -69,7 +70,6 @@ class GcpNet(GcpHeadMixin, nn.Module):
             gcp_dim: Optional[int] = None,
             meta_layer: str = 'isqrt',
             meta_layer_kwargs: Optional[Dict[str, Any]] = None,
-            dropcov: bool = False,
             drop_rate: float = 0.,
             **kwargs,
     ):
@@ -80,13 +80,14 @@ class GcpNet(GcpHeadMixin, nn.Module):
                 smaller; at most the backbone width).
             meta_layer: matrix normalisation of the covariance, a name from `timm_gcp.list_meta_layers()`.
             meta_layer_kwargs: options of the meta-layer (e.g. {'num_iter': 5} for 'isqrt').
-            dropcov: DropCov adaptive channel dropout before the covariance (training only).
             drop_rate: dropout before `fc`.
-            **kwargs: options of the base architecture (drop_path_rate, img_size, ...).
+            **kwargs: the GCP head's options (`timm_gcp.layers.HEAD_OPTIONS`, e.g. dropcov=True: DropCov's adaptive
+                channel dropout), then options of the base architecture (drop_path_rate, img_size, ...).
         """
         super().__init__()
         self.base_arch = base_arch
         self.family = family
+        self.head_options = self.pop_head_options(kwargs)
         self.output_fmt = family.output_fmt  # the layout forward_features returns, as timm models state it
         self.base_kwargs = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype')}
         self.backbone = timm.create_model(
@@ -97,7 +98,6 @@ class GcpNet(GcpHeadMixin, nn.Module):
         self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in self.backbone.feature_info]
         self.drop_rate = drop_rate
         self.set_gcp_dim(min(256, self.num_features) if gcp_dim is None else gcp_dim)
-        self.dropcov = dropcov
         self.global_pool = None
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))  # validated even without a GCP head
         self.reset_classifier(num_classes, global_pool)
@@ -195,7 +195,7 @@ def _create_gcp_net(variant: str, base_arch: str, family: Family, pretrained: bo
     return build_gcp_model(GcpNet, variant, pretrained, base_arch=base_arch, family=family, **kwargs)
 
 
-_HEAD_KWARGS = ('global_pool', 'gcp_dim', 'meta_layer', 'meta_layer_kwargs', 'dropcov', 'num_classes')
+_HEAD_KWARGS = ('global_pool', 'gcp_dim', 'meta_layer', 'meta_layer_kwargs', 'num_classes', *HEAD_OPTIONS)
 
 
 def _create_base_features(variant: str, base_arch: str, pretrained: bool, pretrained_cfg: Any = None,

@@ -41,7 +41,6 @@ class GcpResNet(GcpHeadMixin, ResNet):
             meta_layer: str = 'isqrt',
             meta_layer_kwargs: Optional[Dict[str, Any]] = None,
             layer4_stride: int = 1,
-            dropcov: bool = False,
             **kwargs,
     ):
         """
@@ -50,21 +49,21 @@ class GcpResNet(GcpHeadMixin, ResNet):
             meta_layer: matrix normalisation of the covariance, a name from `timm_gcp.list_meta_layers()`.
             meta_layer_kwargs: options of the meta-layer (e.g. {'num_iter': 5} for 'isqrt').
             layer4_stride: 1 (the GCP architecture: 14x14 maps at 224 px, no dilation) or 2 (a plain ResNet's).
-            dropcov: DropCov (NeurIPS 2022): adaptive channel dropout before the covariance during training; use it
-                with meta_layer='cov'.
-            **kwargs: timm ResNet options (drop_rate, drop_path_rate, ...).
+            **kwargs: the GCP head's options (`timm_gcp.layers.HEAD_OPTIONS`, e.g. dropcov=True: DropCov's adaptive
+                channel dropout, for meta_layer='cov'), then timm ResNet options (drop_rate, drop_path_rate, ...).
         """
         if layer4_stride not in (1, 2):
             raise ValueError(f'layer4_stride must be 1 (GCP architecture) or 2 (plain ResNet), got {layer4_stride!r}')
         if kwargs.get('output_stride', 32) != 32:
             raise ValueError('GCP ResNets set the stride of layer4 with layer4_stride, not output_stride')
+        head_options = self.pop_head_options(kwargs)
         super().__init__(block, layers, num_classes=0, in_chans=in_chans, global_pool='avg', **kwargs)
         self.set_gcp_dim(gcp_dim)
         self.layer4_stride = layer4_stride
         if layer4_stride == 1:
             _remove_stride(self.layer4)
             self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
-        self.dropcov = dropcov
+        self.head_options = head_options
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))  # validated even without a GCP head
         self.reset_classifier(num_classes, global_pool)
 
