@@ -5,7 +5,6 @@ The paper's body could not be read; the constructions are this library's choices
 from typing import Any, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import nn
 
@@ -40,9 +39,11 @@ class ProgressiveReduction(nn.Sequential):
 
 class RowGroupConv(nn.Module):
     """(B, n, n) normalised covariance -> (B, n * per_row) compact representation: a group convolution with one group
-    per row (`groups=n`, kernel the row's n entries), `per_row` filters each, as GSoP's row-wise convolution.
+    per row, as GSoP's row-wise convolution: row i is a channel of length n, convolved by its own `per_row` filters
+    of length n (`nn.Conv1d(n, n * per_row, kernel_size=n, groups=n)`, and initialised as it is).
 
-    Computes in float32 (float64 for float64 input) with autocast disabled, like the meta-layer before it."""
+    Computed as the batched product it is (CPU grouped convolutions are several times slower); in float32 (float64
+    for float64 input) with autocast disabled, like the meta-layer before it."""
     papers = (MPN_COV_TPAMI_BIBTEX,)
 
     def __init__(self, size: int, per_row: int):
@@ -50,7 +51,9 @@ class RowGroupConv(nn.Module):
         if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
             raise ValueError(f'group_conv must be a positive int (filters per covariance row), got {per_row!r}')
         self.size, self.per_row = size, per_row
-        self.conv = nn.Conv1d(size, size * per_row, kernel_size=size, groups=size)
+        bound = size ** -0.5
+        self.weight = nn.Parameter(torch.empty(size, per_row, size).uniform_(-bound, bound))  # (row, filter, column)
+        self.bias = nn.Parameter(torch.empty(size, per_row).uniform_(-bound, bound))
 
     @property
     def out_features(self) -> int:
@@ -60,8 +63,9 @@ class RowGroupConv(nn.Module):
         check_square_batch(matrix, 'RowGroupConv input')
         with fp32_island(matrix):
             dtype = compute_dtype(matrix)
-            out = F.conv1d(matrix.to(dtype), self.conv.weight.to(dtype), self.conv.bias.to(dtype), groups=self.size)
-        return out.flatten(1)
+            rows = matrix.to(dtype).transpose(0, 1)  # (n, B, n): a batch of rows per covariance row index
+            out = torch.bmm(rows, self.weight.to(dtype).transpose(1, 2)) + self.bias.to(dtype)[:, None]
+        return out.transpose(0, 1).flatten(1)  # (B, n * per_row), filters of row i at i * per_row ...
 
     def extra_repr(self) -> str:
         return f'size={self.size}, per_row={self.per_row}'

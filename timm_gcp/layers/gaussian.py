@@ -32,7 +32,8 @@ def gaussian_embedding(x: torch.Tensor) -> torch.Tensor:
     Computed with autocast disabled, in float32 (float64 if `x` is float64): that is also the output dtype.
     """
     if x.dim() not in (3, 4):
-        raise ValueError(f'gaussian_embedding expects features of shape (B, C, H, W) or (B, C, M), got {tuple(x.shape)}')
+        raise ValueError(f'gaussian_embedding expects features of shape (B, C, H, W) or (B, C, M), '
+                         f'got {tuple(x.shape)}')
     with fp32_island(x):
         x = x.flatten(2).to(compute_dtype(x))
         if x.shape[-1] == 0:

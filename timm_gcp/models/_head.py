@@ -150,7 +150,10 @@ class GcpHeadMixin:
         """Why `state_dict` does not fit this model's head (`global_pool`, and `fc` if `with_fc`), naming the head
         options, or None if it fits."""
         prefixes = ('global_pool.', 'fc.') if with_fc else ('global_pool.',)
-        head = lambda sd: {k: v for k, v in sd.items() if k.startswith(prefixes) and not k.endswith('num_batches_tracked')}
+
+        def head(tensors: Mapping[str, Any]) -> Dict[str, Any]:
+            return {k: v for k, v in tensors.items()
+                    if k.startswith(prefixes) and not k.endswith('num_batches_tracked')}
         missing, unexpected, mismatched = state_dict_differences(head(self.state_dict()), head(state_dict))
         if not (missing or unexpected or mismatched):
             return None
@@ -158,11 +161,13 @@ class GcpHeadMixin:
                     (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched)) if keys]
         defaults = head_option_defaults()
         options = ', '.join(f'{k}={v!r}' for k, v in self.head_options.items() if v != defaults[k]) or 'none'
-        return (f'{source} does not fit the head of this {getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__}'
-                f' (global_pool={self.global_pool.pool_type!r}, gcp_dim={self.gcp_dim}, head options set: {options}; '
-                f'{self.head_hidden_size} pooled features): {"; ".join(problems)}. It was saved with other head options '
-                f'(gaussian, progressive_widths, compress_dim, group_conv, ...): create the model with the options in '
-                f'its config.json model_args, or load only its backbone (drop its global_pool.* and fc.* entries)')
+        name = getattr(self, 'pretrained_cfg', {}).get('architecture') or type(self).__name__
+        return (f'{source} does not fit the head of this {name} (global_pool={self.global_pool.pool_type!r}, '
+                f'gcp_dim={self.gcp_dim}, head options set: {options}; {self.head_hidden_size} pooled features, '
+                f'{self.num_classes} classes): {"; ".join(problems)}. It was saved with another head (other head '
+                f'options such as gaussian, progressive_widths, compress_dim, group_conv, or another gcp_dim or '
+                f'num_classes): create the model with the model_args of its config.json, or load only its backbone '
+                f'(drop its global_pool.* and fc.* entries)')
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """nn.Module's, but a strict load of a checkpoint whose head does not fit raises one ValueError naming the head
