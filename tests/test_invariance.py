@@ -128,3 +128,12 @@ def test_group_invariance_module():
     assert module.eval().active and 'mode=' in repr(module)
     pooled = torch.arange(8.).view(8, 1)  # 4 transforms x 2 images
     torch.testing.assert_close(module.average(pooled), torch.tensor([[3.], [4.]]))
+
+
+def test_without_pooling_the_stacked_maps_are_returned():
+    model = create(invariance='c4', invariance_mode='test')
+    model.reset_classifier(0, '')  # what prune_intermediate_layers leaves
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x))
+    assert model(x).shape == (4, 512, 2, 2) and model.group_invariance.group == 'c4'

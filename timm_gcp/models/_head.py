@@ -80,9 +80,9 @@ class GcpHeadMixin:
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) feature map -> pooled (B, F) features, by `global_pool`; with group invariance, the map holds
         the |G| transforms of each image stacked (`forward_features`), pooled as the union of their positions (mode
-        'train') or averaged after pooling (mode 'test')."""
+        'train') or averaged after pooling (mode 'test'). Without pooling (`global_pool=''`) the map stays as it is."""
         inv = self.group_invariance
-        if inv is None or not inv.active:
+        if inv is None or not inv.active or not self.global_pool.pool_type:
             return self.global_pool(x)
         if inv.mode == 'train':
             return self.global_pool(inv.union(x))
