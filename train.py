@@ -103,7 +103,8 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.
-    cooldown_epochs: int = 0
+    cooldown_epochs: int = _flag(0, 'epochs at --min-lr after the schedule, within --epochs; negative: the schedule runs '
+                                    'that many epochs past --epochs (a cut-off schedule, e.g. imagenet_30ep_lrfast)')
     # regularisation
     mixup: float = 0.
     cutmix: float = 0.
