@@ -18,16 +18,16 @@ import math
 import re
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
-from accelerate import PartialState
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 
 import timm_gcp
-from timm_gcp.hub.robustness import check_conditions, check_class_names, measure_errors, summarize
+from timm_gcp.hub.robustness import check_class_names, check_conditions, measure_errors, process_state, summarize
 from timm_gcp.hub.robustness_report import fmt, markdown_table, write_atomic, write_text_atomic
 from timm_gcp.training.data import create_eval_dataset
 from timm_gcp.training.errors import exit_code_of
@@ -140,8 +140,23 @@ def _check_study(args: argparse.Namespace, train_args: List[str]) -> None:
             raise ValueError(f'{args.output} holds a study with other settings ({", ".join(changed)}): choose another '
                              f'--output or repeat its settings ({path})')
         settings['arms'] = {**old['arms'], **args.arms}
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         write_text_atomic(path, json.dumps(settings, indent=1))
+
+
+@contextmanager
+def one_process_group() -> Iterator[None]:
+    """Keep the processes' torch.distributed group for the whole study: train.py's `end_training` destroys it after
+    each run, and torch does not reliably create the default group again in the same processes (gloo reconnects to
+    the previous group's addresses); it is destroyed once, at the end."""
+    destroy = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None
+    try:
+        yield
+    finally:
+        PartialState.destroy_process_group = destroy
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _reset_accelerate() -> None:
@@ -155,12 +170,12 @@ def _run_arms(train: Any, args: argparse.Namespace, train_args: List[str], seed:
     for arm, kwargs in args.arms.items():
         run_dir = args.output / 'runs' / f'{arm}-s{seed}'
         if (run_dir / 'model' / 'model.safetensors').is_file():
-            PartialState().print(f'{arm} seed {seed}: finished, skipped')
+            process_state().print(f'{arm} seed {seed}: finished, skipped')
             continue
         argv = _train_argv(args, train_args, kwargs, seed, run_dir)
         if any((run_dir / 'checkpoints').glob('checkpoint-*')):
             argv += ['--resume', str(run_dir)]
-        PartialState().print(f'{arm} seed {seed}: python train.py {" ".join(argv)}', flush=True)
+        process_state().print(f'{arm} seed {seed}: python train.py {" ".join(argv)}', flush=True)
         try:
             train.main(argv)
         finally:
@@ -168,7 +183,7 @@ def _run_arms(train: Any, args: argparse.Namespace, train_args: List[str], seed:
 
 
 def _load_export(run_dir: Path) -> torch.nn.Module:
-    return timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True).eval().to(PartialState().device)
+    return timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True).eval().to(process_state().device)
 
 
 def _measure_robustness(args: argparse.Namespace, train_cfg: Any, seed: int) -> None:
@@ -190,12 +205,12 @@ def _measure_robustness(args: argparse.Namespace, train_cfg: Any, seed: int) -> 
     measured = measure_errors(models, dataset, args.corruptions, args.severities,
                               batch_size=train_cfg.validation_batch_size or train_cfg.batch_size,
                               workers=train_cfg.workers, progress=train_cfg.progress)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         for arm in missing:
             record = {'conditions': wanted, 'errors': measured['errors'][arm], 'images': measured['images'],
                       'images_per_s': measured['images_per_s']}
             write_text_atomic(args.output / 'robustness' / f'{arm}-s{seed}.json', json.dumps(record, indent=1))
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def head_parameters(model: torch.nn.Module) -> int:
@@ -329,12 +344,13 @@ def run(args: argparse.Namespace, train_args: List[str], command: str) -> Dict[s
     if args.robustness and train_cfg.dataset:
         raise ValueError('--robustness reads image folders (--data-dir), not --dataset')
     _check_study(args, train_args)
-    for seed in args.seeds:
-        _run_arms(train, args, train_args, seed)
-        if args.robustness:
-            _measure_robustness(args, train_cfg, seed)
+    with one_process_group():
+        for seed in args.seeds:
+            _run_arms(train, args, train_args, seed)
+            if args.robustness:
+                _measure_robustness(args, train_cfg, seed)
     study = summarize_study(args)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         text = study_markdown(study, command)
         write_text_atomic(args.output / 'study.md', text)
         try:

@@ -3,7 +3,11 @@ mCE against the first arm), and a tiny study end to end (train.py runs, robustne
 (finished runs skipped, an unfinished one resumed) and refused with other settings."""
 import importlib.util
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,24 +43,25 @@ def test_arm_specs(compare):
             compare.parse_arm(bad)
 
 
-def _fake_run(run_dir: Path, top1, train_time=2.0, train_images=12, global_pool='gcp'):
-    """A finished train.py run folder: metrics.json with `top1` per epoch and an exported tiny model."""
+def _fake_run(run_dir: Path, top1, export: Path, train_time=2.0, train_images=12):
+    """A finished train.py run folder: metrics.json with `top1` per epoch, and a copy of `export` as its model."""
     history = [{'epoch': e, 'top1': t, 'train_time_s': train_time, 'epoch_time_s': train_time + 1,
                 'train_images': train_images} for e, t in enumerate(top1)]
     best = max(history, key=lambda row: row['top1'])
     run_dir.mkdir(parents=True)
     (run_dir / 'metrics.json').write_text(json.dumps({'history': history, 'final': history[-1], 'best': best}))
-    model = timm.create_model('gcp_resnet18', num_classes=2, gcp_dim=4, global_pool=global_pool)
-    export_model(model, run_dir / 'model', label_names=['a', 'b'])
+    shutil.copytree(export, run_dir / 'model')
 
 
 def test_study_table_arithmetic(compare, tmp_path):
     out = tmp_path / 'study'
     runs = {('gap', 0): [40., 60., 70.], ('gap', 1): [50., 55., 80.], ('isqrt', 0): [60., 75., 90.],
             ('isqrt', 1): [30., 70., 78.]}
+    exports = {arm: export_model(timm.create_model('gcp_resnet18', num_classes=2, gcp_dim=4, global_pool=pool),
+                                 tmp_path / arm, label_names=['a', 'b']) for arm, pool in (('gap', 'avg'),
+                                                                                           ('isqrt', 'gcp'))}
     for (arm, seed), top1 in runs.items():
-        _fake_run(out / 'runs' / f'{arm}-s{seed}', top1, train_time=2. + seed,
-                  global_pool='avg' if arm == 'gap' else 'gcp')
+        _fake_run(out / 'runs' / f'{arm}-s{seed}', top1, exports[arm], train_time=2. + seed)
     errors = {('gap', 0): (10., 40.), ('gap', 1): (20., 60.), ('isqrt', 0): (10., 20.), ('isqrt', 1): (10., 45.)}
     for (arm, seed), (clean, fog) in errors.items():
         (out / 'robustness').mkdir(exist_ok=True)
@@ -118,3 +123,25 @@ def test_tiny_study_end_to_end_and_resumable(compare, tmp_path, capsys):
     # other settings in the same folder are refused before any run
     assert compare.main(_argv(data, out, '--lr', '0.1')) == 2
     assert 'holds a study with other settings (train_args)' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_study_under_two_processes(tmp_path):
+    """torchrun, 2 CPU processes (as `accelerate launch` starts them): every arm trains with DDP in turn, the two
+    robustness conditions are shared out and merged, one process writes the table."""
+    data, out = image_folder(tmp_path / 'data'), tmp_path / 'study'
+    argv = [a for a in _argv(data, out, '--robustness', '--corruptions', 'fog', '--severities', '2')
+            if a != 'dropcov']
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         str(ROOT / 'benchmarks' / 'compare_heads.py'), *argv],
+        cwd=ROOT, env={**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}, capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('# Head study') == 1
+    for arm in ('gap', 'isqrt'):
+        metrics = json.loads((out / 'runs' / f'{arm}-s0' / 'metrics.json').read_text())
+        assert metrics['history'][0]['val_images'] == 10
+        record = json.loads((out / 'robustness' / f'{arm}-s0.json').read_text())
+        assert record['images'] == 10 and set(record['errors']['corruptions']['fog']) == {'2'}
+    assert [a['arm'] for a in json.loads((out / 'study.json').read_text())['arms']] == ['gap', 'isqrt']

@@ -13,7 +13,7 @@ from huggingface_hub import get_token
 from .catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
 from .convert import SOURCES, convert_checkpoint
 from .push import push_model
-from .robustness import CORRUPTIONS, evaluate_robustness, check_conditions, resolve_model
+from .robustness import CORRUPTIONS, check_conditions, evaluate_robustness, process_state, resolve_model
 from .robustness_report import display_name, fmt, update_card, write_robustness_report
 from .verify import verify_folder, verify_repo
 
@@ -64,7 +64,6 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _robustness(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
     corruptions, severities = check_conditions(args.corruptions, args.severities)
     folder = resolve_model(args.model, args.pretrained)[1]
     if args.update_card and folder is None:
@@ -72,7 +71,7 @@ def _robustness(args: argparse.Namespace) -> None:
     result = evaluate_robustness(args.model, args.data_dir, baseline=args.baseline, pretrained=args.pretrained,
                                  corruptions=corruptions, severities=severities, seed=args.seed,
                                  batch_size=args.batch_size, workers=args.workers, progress=args.progress)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     written = write_robustness_report(result, args.output)
     for role, entry in result['results'].items():

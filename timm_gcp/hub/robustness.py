@@ -12,7 +12,7 @@ import numpy as np
 import timm
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from PIL import Image
 from timm.data import ImageNetInfo, MaybeToTensor, create_transform, infer_imagenet_subset, resolve_model_data_config
 from torch import nn
@@ -137,6 +137,12 @@ def check_class_names(model: nn.Module, what: str, data_classes: Sequence[str]) 
     return names
 
 
+def process_state() -> PartialState:
+    """accelerate's process state (one process, or those `accelerate launch` started), on the CPU when
+    ACCELERATE_USE_CPU says so, as an Accelerator reads it."""
+    return PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU'))
+
+
 def _conditions(corruptions: Sequence[str], severities: Sequence[int]) -> List[Condition]:
     return [None] + [(c, s) for c in corruptions for s in severities]
 
@@ -155,7 +161,7 @@ def measure_errors(models: Mapping[str, nn.Module], dataset: ImageDataset, corru
         config = resolve_model_data_config(model)
         corruption_transform(config, None)  # checks the input size before any work
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(name)
-    state = PartialState()
+    state = process_state()
     with state.split_between_processes(_conditions(corruptions, severities)) as mine:
         mine = list(mine)
     counts: Dict[Tuple[str, Condition], List[float]] = {}  # (model, condition) -> [correct, readable, unreadable]
@@ -189,8 +195,8 @@ def measure_errors(models: Mapping[str, nn.Module], dataset: ImageDataset, corru
             return 100. - 100. * round(correct) / max(readable, 1.)
         errors[name] = {'clean': error(None),
                         'corruptions': {c: {s: error((c, s)) for s in severities} for c in corruptions}}
-    clean_counts = [merged[(name, None)] for name in models][0]
-    return {'errors': errors, 'images': int(clean_counts[1]), 'unreadable': int(clean_counts[2]),
+    _, readable, unreadable = merged[(next(iter(models)), None)]
+    return {'errors': errors, 'images': int(readable), 'unreadable': int(unreadable),
             'images_per_s': sum(r for _, r in gathered) / len(gathered)}
 
 
@@ -252,7 +258,7 @@ def resolve_model(spec: str, pretrained: bool = False) -> Tuple[str, Optional[Pa
 
 def load_model(spec: str, pretrained: bool = False) -> nn.Module:
     """The model `spec` names (see `resolve_model`), in eval mode on this process's device."""
-    return timm.create_model(resolve_model(spec, pretrained)[0], pretrained=True).eval().to(PartialState().device)
+    return timm.create_model(resolve_model(spec, pretrained)[0], pretrained=True).eval().to(process_state().device)
 
 
 def evaluate_robustness(model: str, data_dir: Union[str, Path], *, baseline: Optional[str] = None,
