@@ -146,14 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add('robustness', _robustness, 'corruption robustness (Hendrycks & Dietterich): error under the 15 ImageNet-C '
                                        'corruptions x 5 severities of the validation images, CE/mCE against --baseline')
-    p.add_argument('model', help='export folder, train.py run folder, hf-hub:ORG/NAME, local-dir:PATH or a timm name '
+    p.add_argument('model', metavar='MODEL', help='export folder, train.py run folder, hf-hub:ORG/NAME, local-dir:PATH or a timm name '
                                  '(with --pretrained)')
-    p.add_argument('--data-dir', required=True, help='image folder: its val/ (or validation/) <class>/<image> files')
-    p.add_argument('--baseline', help='model normalising CE and mCE (same forms as MODEL); without: unnormalised errors')
-    p.add_argument('--output', required=True, help='folder for robustness.json, robustness.md, robustness.png')
+    p.add_argument('--data-dir', required=True, metavar='DATA',
+                   help='image folder: its val/ (or validation/) <class>/<image> files')
+    p.add_argument('--baseline', metavar='MODEL', help='model normalising CE and mCE (same forms as MODEL); without: unnormalised errors')
+    p.add_argument('--output', required=True, metavar='DIR', help='folder for robustness.json, robustness.md, robustness.png')
     p.add_argument('--pretrained', action='store_true', help="load a timm name's published weights")
     p.add_argument('--corruptions', type=lambda text: text.split(','),
-                   help=f'comma-separated subset (default: all): {",".join(CORRUPTIONS)}')
+                   help=f'comma-separated subset (default: all): {", ".join(CORRUPTIONS)}')
     p.add_argument('--severities', type=_int_list, help='comma-separated subset of 1-5 (default: all)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random corruptions (default: %(default)s)')
     p.add_argument('-b', '--batch-size', type=int, default=64, help='(default: %(default)s)')

@@ -188,13 +188,14 @@ def measure_errors(models: Mapping[str, nn.Module], dataset: ImageDataset, corru
     rate = images / max(time.perf_counter() - start, 1e-9)
     gathered = gather_object([(list(counts.items()), rate)]) if state.num_processes > 1 else [(counts.items(), rate)]
     merged = {key: value for items, _ in gathered for key, value in items}
-    errors: Dict[str, Errors] = {}
-    for name in models:
-        def error(condition: Condition) -> float:
-            correct, readable, _ = merged[(name, condition)]
-            return 100. - 100. * round(correct) / max(readable, 1.)
-        errors[name] = {'clean': error(None),
-                        'corruptions': {c: {s: error((c, s)) for s in severities} for c in corruptions}}
+
+    def error(name: str, condition: Condition) -> float:
+        correct, readable, _ = merged[(name, condition)]
+        return 100. - 100. * round(correct) / max(readable, 1.)
+
+    errors = {name: {'clean': error(name, None),
+                     'corruptions': {c: {s: error(name, (c, s)) for s in severities} for c in corruptions}}
+              for name in models}
     _, readable, unreadable = merged[(next(iter(models)), None)]
     return {'errors': errors, 'images': int(readable), 'unreadable': int(unreadable),
             'images_per_s': sum(r for _, r in gathered) / len(gathered)}
