@@ -105,7 +105,8 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.
-    cooldown_epochs: int = 0
+    cooldown_epochs: int = _flag(0, 'epochs at --min-lr after the schedule, within --epochs; negative: the schedule runs '
+                                    'that many epochs past --epochs (a cut-off schedule, e.g. imagenet_30ep_lrfast)')
     # regularisation
     mixup: float = 0.
     cutmix: float = 0.
@@ -498,6 +499,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                 train_one_epoch(accelerator, model, optimizer, scheduler, loss_fn, loader, state, len(train_loader),
                                 on_update, mixup, ema, cfg.clip_grad, cfg.channels_last, cfg.max_nonfinite_updates,
                                 cfg.progress)
+                train_time = time.time() - start
                 if stop.received_anywhere(accelerator):
                     _exit_interrupted(accelerator, run_dir, command, stop.received)
                 check_finite(bare, f'at the end of epoch {epoch} update {state.updates}')
@@ -507,7 +509,8 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                 row = {'epoch': epoch, 'lr': base_lr(optimizer),
                        'meta_layer': state.meta_layer or getattr(bare, 'meta_layer_name', None),
                        'train_loss': state.train_loss_sum / max(state.train_samples, 1),
-                       'train_images': state.train_samples, 'unreadable_train': state.unreadable_train}
+                       'train_images': state.train_samples, 'unreadable_train': state.unreadable_train,
+                       'train_time_s': round(train_time, 2)}
                 row.update(evaluate(model, val_loader, accelerator, cfg.flip_test, cfg.channels_last,
                                     cfg.progress))
                 if ema is not None:

@@ -94,6 +94,18 @@ def test_gsop_net1_round_trip(images, tmp_path):
         assert torch.equal(reloaded(images), model(images))
 
 
+def test_gap_pooled_gcp_resnet_round_trip(images, tmp_path, caplog):
+    """With global_pool='avg' the checkpoint has a plain ResNet's keys: loaded from its folder it is still the
+    model's own, classifier included (not a backbone with a fresh fc)."""
+    model = timm.create_model('gcp_resnet18', num_classes=3, global_pool='avg').eval()
+    with caplog.at_level(logging.WARNING):
+        reloaded = timm.create_model(f'local-dir:{export(model, tmp_path / "gap")}', pretrained=True).eval()
+    assert not caplog.records
+    assert_same_weights(reloaded, model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+
+
 def test_hf_hub_offline_round_trip(trained_gcp_resnet18, images, tmp_path, offline_hub):
     repo_id = f'{timm_gcp.HUB_ORG}/gcp_resnet18.in1k'
     add_to_hf_cache(offline_hub, repo_id, export(trained_gcp_resnet18, tmp_path / 'export'))
