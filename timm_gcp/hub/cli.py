@@ -1,5 +1,5 @@
-"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify and convert models, and keep the README's
-model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
+"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify, convert and export (ONNX) models, and keep
+the README's model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
 import argparse
 import logging
 import shlex
@@ -11,6 +11,7 @@ from huggingface_hub import get_token
 
 from .catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
 from .convert import SOURCES, convert_checkpoint
+from .onnx import export_onnx
 from .push import push_model
 from .verify import verify_folder, verify_repo
 
@@ -60,6 +61,16 @@ def _convert(args: argparse.Namespace) -> None:
           f'{model.num_classes} classes)')
 
 
+def _onnx(args: argparse.Namespace) -> None:
+    report = export_onnx(args.model, args.output, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         num_classes=args.num_classes, data_dir=args.data_dir, batch_size=args.batch_size,
+                         img_size=args.img_size, dynamo=args.dynamo, opset=args.opset, tolerance=args.tolerance)
+    sample = f'{report.images} images of {args.data_dir}' if report.images else 'random input'
+    print(f'wrote {report.path} ({args.model}, {report.exporter} exporter, dynamic batch)\n'
+          f'onnxruntime vs exact PyTorch on {sample}: max |difference| {report.max_abs_diff:.2e} '
+          f'(largest output {report.output_scale:.3g})')
+
+
 def _model_table(args: argparse.Namespace) -> None:
     entries = load_catalogue(args.catalogue)
     check_registry(entries)
@@ -71,7 +82,7 @@ def _model_table(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `timm-gcp` parser with its four subcommands."""
+    """The `timm-gcp` parser with its five subcommands."""
     parser = argparse.ArgumentParser(prog='timm-gcp', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
@@ -111,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--meta-layer', help="override the source's meta-layer")
     p.add_argument('--layer4-stride', type=int, choices=(1, 2), help="override the source's stride")
     p.add_argument('--label-names', help='text file with one class name per line')
+
+    p = add('onnx', _onnx, "export a timm or timm-gcp model to ONNX with timm's onnx_export (GCP heads in export "
+                           "mode), then check the file with onnxruntime against the exact PyTorch model")
+    p.add_argument('model', help='timm model name, local-dir:DIR (e.g. a train.py run\'s model/) or hf-hub:ORG/NAME')
+    p.add_argument('output', help='ONNX file to write')
+    p.add_argument('--checkpoint', help='weights to load on top (a train.py checkpoint, .safetensors or .pth)')
+    p.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
+    p.add_argument('--num-classes', type=int, help="(default: the model's)")
+    p.add_argument('--data-dir', help='image folder (its val/ or the folder itself) whose first images are the '
+                                      'sample batch; default: random input')
+    p.add_argument('-b', '--batch-size', type=int, default=8, help='sample images (default: %(default)s)')
+    p.add_argument('--img-size', type=int, help="input resolution (default: the model's)")
+    p.add_argument('--dynamo', action='store_true', help='the torch.export-based exporter (default: TorchScript)')
+    p.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument('--tolerance', type=float, default=1e-3,
+                   help='allowed onnxruntime difference, relative to the largest output (%(default)s)')
 
     p = add('model-table', _model_table, "print the README's model table from the catalogue (checked against "
                                          "timm's registry), or rewrite it between its markers (--write)")
