@@ -1,5 +1,6 @@
 """ONNX export of any timm model, GCP or not (`timm-gcp onnx`): timm's own `timm.utils.onnx.onnx_export` on the
 model in export mode, then the file checked with onnxruntime against the exact PyTorch model on sample images."""
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -59,6 +60,9 @@ def export_onnx(model_name: str, output: Union[str, Path], *, checkpoint: Option
     output further than `tolerance` x the largest exact output from the exact one raises OnnxCheckError. Nothing is
     left at `output` unless every check passed.
     """
+    for package in ('onnx', 'onnxruntime'):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"ONNX export needs {package}: pip install 'timm-gcp[onnx]'")
     kwargs = {} if num_classes is None else {'num_classes': num_classes}
     model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint or '', exportable=True,
                               **kwargs).eval()

@@ -114,7 +114,7 @@ class MpaLya(_LyapunovSqrt):
     """MPA-Lya (Song et al., ICLR 2022): [5/5] matrix Padé approximant Q(Z)⁻¹P(Z) of √(1 − z), Lyapunov backward.
     Export path (ONNX has no linear solve): Q⁻¹ by Newton–Schulz (`timm_gcp.ops.newton_inverse`), to the compute
     dtype's precision in 10 iterations (float32), as the spectrum of Q lies in [Q(1), 1] = [0.0107, 1]."""
-    export_tolerance = 1e-4
+    export_tolerance = 1e-3  # the float32 solve itself is 1e-3 off float64 on trained features (docs/models.md)
 
     def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:
         p, q = _matrix_polynomials(z, MPA_NUMERATOR, MPA_DENOMINATOR)
