@@ -67,8 +67,8 @@ def _onnx(args: argparse.Namespace) -> None:
                          img_size=args.img_size, dynamo=args.dynamo, opset=args.opset, tolerance=args.tolerance)
     sample = f'{report.images} images of {args.data_dir}' if report.images else 'random input'
     print(f'wrote {report.path} ({args.model}, {report.exporter} exporter, dynamic batch)\n'
-          f'onnxruntime vs exact PyTorch on {sample}: max |difference| {report.max_abs_diff:.2e} '
-          f'(largest output {report.output_scale:.3g})')
+          f'on {sample}: onnxruntime vs PyTorch max |difference| {report.onnx_difference:.1e}; export mode vs '
+          f'the exact model {report.export_mode_difference:.1e} (largest output {report.output_scale:.3g})')
 
 
 def _model_table(args: argparse.Namespace) -> None:
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', help='timm model name, local-dir:DIR (e.g. a train.py run\'s model/) or hf-hub:ORG/NAME')
     p.add_argument('output', help='ONNX file to write')
     p.add_argument('--checkpoint', help='weights to load on top (a train.py checkpoint, .safetensors or .pth)')
-    p.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
+    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
+                   help="the model's pretrained weights (default: unless --checkpoint, as timm's onnx_export.py)")
     p.add_argument('--num-classes', type=int, help="(default: the model's)")
     p.add_argument('--data-dir', help='image folder (its val/ or the folder itself) whose first images are the '
                                       'sample batch; default: random input')
@@ -136,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, help="input resolution (default: the model's)")
     p.add_argument('--dynamo', action='store_true', help='the torch.export-based exporter (default: TorchScript)')
     p.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument('--tolerance', type=float, default=1e-3,
-                   help='allowed onnxruntime difference, relative to the largest output (%(default)s)')
+    p.add_argument('--tolerance', type=float, default=1e-4, help='allowed onnxruntime difference from PyTorch, '
+                                                                  'relative to the largest output (%(default)s)')
 
     p = add('model-table', _model_table, "print the README's model table from the catalogue (checked against "
                                          "timm's registry), or rewrite it between its markers (--write)")

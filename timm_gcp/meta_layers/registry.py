@@ -75,13 +75,14 @@ class MetaLayer(nn.Module):
         largest entry."""
         scale = exact.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(exact.dtype).tiny)
         error = ((out - exact).abs().amax(dim=(-2, -1)) / scale).nan_to_num(nan=float('inf'))
-        if (error > self.export_tolerance).any():
+        off = error > self.export_tolerance
+        if off.any():
             raise ExportAccuracyError(
                 f'{self.name} export path: differs from the exact layer by up to {error.max().item():.1e} of the '
-                f'largest output entry (allowed {self.export_tolerance:.0e}) in '
-                f'{batch_elements((error > self.export_tolerance).tolist())}: these covariances are too ill-conditioned '
-                f'for its approximation (docs/models.md#deploying), so the exported model would compute a different '
-                f'function. Deploy with torch.export (exact), or export a model trained with isqrt')
+                f'largest output entry (allowed {self.export_tolerance:.0e}) in {batch_elements(off.tolist())}: '
+                f'these covariances lie where its approximation cannot follow the exact layer (eigenvalues far below '
+                f'zero, or many at its clamp; docs/models.md#deploying), so an exported model would compute a '
+                f'different function. Deploy with torch.export (exact) instead')
 
 
 _META_LAYERS: Dict[str, Callable[..., MetaLayer]] = {}

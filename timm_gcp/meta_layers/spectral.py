@@ -157,6 +157,7 @@ class SpectralPower(MetaLayer):
         eigh_backend: the `timm_gcp.ops.eigh` backend: 'auto' (cuSOLVER on CUDA, else torch), 'torch' or 'cusolver'.
     """
     overflow_guard = False
+    export_tolerance = EXPORT_TOLERANCE
 
     def __init__(
             self,
@@ -170,8 +171,6 @@ class SpectralPower(MetaLayer):
         self.eps = optional(float_option, self.name, 'eps', eps, 0., 1., include_low=True)
         self.float64 = bool_option(self.name, 'float64', float64)
         self.eigh_backend = check_eigh_backend(eigh_backend, f'{self.name} option eigh_backend')
-
-    export_tolerance = EXPORT_TOLERANCE
 
     def loewner(self, evals: torch.Tensor, powered: torch.Tensor, alpha: float) -> torch.Tensor:
         """(B, d, d) symmetric matrix L of the backward dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ."""
