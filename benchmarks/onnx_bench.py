@@ -2,7 +2,7 @@
 model, per meta-layer, with the largest logit difference between them. Prints the Markdown table of
 docs/models.md#deploying; medians of repeated runs (`timing.median_ms`).
 
-    python benchmarks/onnx_bench.py [--model gcp_resnet18] [--img-size 112] [-b 4] [--checkpoint model.safetensors]
+    python benchmarks/onnx_bench.py [--model gcp_resnet18] [--img-size 112] [-b 4] [--threads 1] [--checkpoint ...]
 """
 import argparse
 import os
@@ -31,8 +31,11 @@ def main() -> None:
     parser.add_argument('-b', '--batch-size', type=int, default=4)
     parser.add_argument('--reps', type=int, default=7)
     parser.add_argument('--meta-layers', nargs='+', default=META_LAYERS)
+    parser.add_argument('--threads', type=int, default=1,
+                        help='for both (default 1: on a CPU shared with other jobs, 2 OpenMP threads wait on each other)')
     args = parser.parse_args()
-    threads = torch.get_num_threads()
+    threads = args.threads
+    torch.set_num_threads(threads)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)

@@ -48,17 +48,18 @@ def _model(name: str, meta_layer: str = 'isqrt', **kwargs) -> torch.nn.Module:
 
 
 def _onnx_difference(model: torch.nn.Module, path: Path, dynamo: bool) -> float:
-    """Export with timm's onnx_export at batch 2, run onnxruntime at batch 3: max |onnxruntime − PyTorch|."""
+    """Export with timm's onnx_export at batch 2, run onnxruntime at batch 3: max |onnxruntime − PyTorch| relative
+    to the largest |output| (at least 1)."""
     timm.utils.onnx.onnx_export(model, str(path), example_input=torch.randn(2, 3, IMG, IMG), use_dynamo=dynamo)
     x = torch.randn(3, 3, IMG, IMG)
     session = ort.InferenceSession(str(path))
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = model(x).numpy()
-    difference = float(np.abs(out - expected).max())
+    difference, scale = float(np.abs(out - expected).max()), float(np.abs(expected).max())
     print(f'{model.default_cfg["architecture"]} {model.meta_layer_name} {"dynamo" if dynamo else "torchscript"}: '
-          f'max |onnxruntime - PyTorch| {difference:.1e}')
-    return difference
+          f'max |onnxruntime - PyTorch| {difference:.1e} (largest output {scale:.2g})')
+    return difference / max(scale, 1.0)
 
 
 # --- the export paths, against float64 eigendecompositions
