@@ -1,5 +1,5 @@
-"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify and convert models, and keep the README's
-model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
+"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify, convert and export (ONNX) models, and keep
+the README's model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
 import argparse
 import logging
 import os
@@ -12,6 +12,7 @@ from huggingface_hub import get_token
 
 from .catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
 from .convert import SOURCES, convert_checkpoint
+from .onnx import export_onnx
 from .push import push_model
 from .robustness import CORRUPTIONS, check_conditions, evaluate_robustness, process_state, resolve_model
 from .robustness_report import display_name, fmt, update_card, write_robustness_report
@@ -93,6 +94,16 @@ def _int_list(text: str) -> list:
         raise argparse.ArgumentTypeError(f'expected comma-separated integers, e.g. 1,3,5, got {text!r}') from None
 
 
+def _onnx(args: argparse.Namespace) -> None:
+    report = export_onnx(args.model, args.output, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         num_classes=args.num_classes, data_dir=args.data_dir, batch_size=args.batch_size,
+                         img_size=args.img_size, dynamo=args.dynamo, opset=args.opset, tolerance=args.tolerance)
+    sample = f'{report.images} images of {args.data_dir}' if report.images else 'random input'
+    print(f'wrote {report.path} ({args.model}, {report.exporter} exporter, dynamic batch)\n'
+          f'on {sample}: onnxruntime vs PyTorch max |difference| {report.onnx_difference:.1e}; export mode vs '
+          f'the exact model {report.export_mode_difference:.1e} (largest output {report.output_scale:.3g})')
+
+
 def _model_table(args: argparse.Namespace) -> None:
     entries = load_catalogue(args.catalogue)
     check_registry(entries)
@@ -163,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help='DataLoader processes corrupting images in parallel (default: %(default)s)')
     p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     p.add_argument('--update-card', action='store_true', help="add the numbers to the export's model card README.md")
+
+    p = add('onnx', _onnx, "export a timm or timm-gcp model to ONNX with timm's onnx_export (GCP heads in export "
+                           "mode), then check the file with onnxruntime against the exact PyTorch model")
+    p.add_argument('model', help='timm model name, local-dir:DIR (e.g. a train.py run\'s model/) or hf-hub:ORG/NAME')
+    p.add_argument('output', help='ONNX file to write')
+    p.add_argument('--checkpoint', help='weights to load on top (a train.py checkpoint, .safetensors or .pth)')
+    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
+                   help="the model's pretrained weights (default: unless --checkpoint, as timm's onnx_export.py)")
+    p.add_argument('--num-classes', type=int, help="(default: the model's)")
+    p.add_argument('--data-dir', help='image folder (its val/ or the folder itself) whose first images are the '
+                                      'sample batch; default: random input')
+    p.add_argument('-b', '--batch-size', type=int, default=8, help='sample images (default: %(default)s)')
+    p.add_argument('--img-size', type=int, help="input resolution (default: the model's)")
+    p.add_argument('--dynamo', action='store_true', help='the torch.export-based exporter (default: TorchScript)')
+    p.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument('--tolerance', type=float, default=1e-4, help='allowed onnxruntime difference from PyTorch, '
+                                                                  'relative to the largest output (%(default)s)')
 
     p = add('model-table', _model_table, "print the README's model table from the catalogue (checked against "
                                          "timm's registry), or rewrite it between its markers (--write)")

@@ -7,7 +7,8 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from ..meta_layers import create_meta_layer
-from ..ops import NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_vec
+from ..ops import (
+    NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_flat_index, triu_vec)
 from .channel_dropout import AdaptiveChannelDropout
 
 __all__ = ['GCPPool', 'HEAD_OPTIONS', 'gcp_feature_dim', 'head_option_defaults']
@@ -63,6 +64,8 @@ class GCPPool(nn.Module):
             self.act = nn.ReLU(inplace=True)
             nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
         self.channel_dropout = AdaptiveChannelDropout() if dropcov else nn.Identity()
+        # a constant index for tracers and exporters (which cannot export triu_indices); not in checkpoints
+        self.register_buffer('triu_index', triu_flat_index(self.dim), persistent=False)
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))
 
     @property
@@ -75,10 +78,18 @@ class GCPPool(nn.Module):
         return {name: getattr(self, name) for name in HEAD_OPTIONS}
 
     def set_meta_layer(self, name: str, **kwargs) -> None:
-        """Swap the matrix normalisation (same parameters, different function: the hybrid protocol)."""
+        """Swap the matrix normalisation (same parameters, different function: the hybrid protocol); a head in
+        export mode stays in it."""
+        exportable = getattr(self, 'meta_layer', None) is not None and self.meta_layer.exportable
         self.meta_layer = create_meta_layer(name, **kwargs)
+        if exportable:
+            self.meta_layer.set_exportable(True)
         self.meta_layer_name = name
         self.meta_layer_kwargs = dict(kwargs)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute `triu_index` (timm's hook after `to_empty()`)."""
+        self.triu_index.copy_(triu_flat_index(self.dim, self.triu_index.device))
 
     @property
     def dropcov(self) -> bool:
@@ -89,7 +100,7 @@ class GCPPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            pooled = triu_vec(self.meta_layer(covariance(self.reduce(x))))
+            pooled = triu_vec(self.meta_layer(covariance(self.reduce(x))), self.triu_index)
         except NonFiniteCovarianceError as err:
             raise NonFiniteCovarianceError(
                 f'GCPPool: the covariance of its (B, {self.dim}, H, W) reduced features is non-finite, so the features '

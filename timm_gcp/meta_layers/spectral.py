@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..ops.covariance import cached_tensors, fp32_backward, symmetrize
-from ..ops import check_eigh_backend, eigh
+from ..ops import check_eigh_backend, eigh, newton_power, power_fraction
+from ..ops.newton import MAX_ROOT_DENOMINATOR
 from .options import MAX_SERIES_TERMS, bool_option, float_option, int_option, optional
 from .registry import MetaLayer, register_meta_layer
 
@@ -21,6 +22,8 @@ __all__ = [
 ]
 
 EIGENVALUE_FLOOR = torch.finfo(torch.float32).tiny
+EXPORT_TOLERANCE = 2e-2  # of the largest output entry: the exact layers move by 1e-3 to 1e-2 when their float32
+# covariance is rounded differently (measured on trained features, docs/models.md#deploying)
 
 
 def clamp_eigenvalues(evals: torch.Tensor, eps: float) -> torch.Tensor:
@@ -142,6 +145,11 @@ class _SpectralPowerFn(torch.autograd.Function):
 class SpectralPower(MetaLayer):
     """Base of the exact layers: matrix power Σ^α from an exact eigendecomposition; subclasses choose the backward.
 
+    Export path (ONNX has no eigendecomposition): `timm_gcp.ops.newton_power` in float64, Σ^α by a coupled Newton
+    iteration with the clamp max(λ, ε·λ_max)^α replaced by the smooth (λ² + ε²·λ̂²)^(α/2), ε at least float32's
+    epsilon (below it the eigenvalues of a float32 covariance are rounding noise); α must be a fraction with a
+    denominator up to 16.
+
     Args:
         alpha: the power, in (0, 2] (½: matrix square root).
         eps: eigenvalue clamp relative to λ_max, in [0, 1]; None: machine epsilon of the eigendecomposition dtype.
@@ -149,6 +157,7 @@ class SpectralPower(MetaLayer):
         eigh_backend: the `timm_gcp.ops.eigh` backend: 'auto' (cuSOLVER on CUDA, else torch), 'torch' or 'cusolver'.
     """
     overflow_guard = False
+    export_tolerance = EXPORT_TOLERANCE
 
     def __init__(
             self,
@@ -167,11 +176,28 @@ class SpectralPower(MetaLayer):
         """(B, d, d) symmetric matrix L of the backward dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ."""
         raise NotImplementedError
 
+    def eig_dtype(self, cov: torch.Tensor) -> torch.dtype:
+        return torch.float64 if self.float64 else cov.dtype
+
+    def clamp_eps(self, eig_dtype: torch.dtype) -> float:
+        """The eigenvalue clamp relative to λ_max."""
+        return torch.finfo(eig_dtype).eps if self.eps is None else self.eps
+
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
-        eig_dtype = torch.float64 if self.float64 else cov.dtype
-        eps = torch.finfo(eig_dtype).eps if self.eps is None else self.eps
+        eig_dtype = self.eig_dtype(cov)
         return _SpectralPowerFn.apply(
-            cov, self.alpha, eps, eig_dtype, self.eigh_backend, self.loewner, self.overflow_guard)
+            cov, self.alpha, self.clamp_eps(eig_dtype), eig_dtype, self.eigh_backend, self.loewner,
+            self.overflow_guard)
+
+    def export_normalize(self, cov: torch.Tensor) -> torch.Tensor:
+        floor = max(self.clamp_eps(self.eig_dtype(cov)), torch.finfo(cov.dtype).eps)
+        return newton_power(symmetrize(cov.double()), self.alpha, floor).to(cov.dtype)
+
+    def set_exportable(self, enable: bool = True) -> None:
+        if enable and power_fraction(self.alpha / 2) is None:
+            raise ValueError(f'{self.name} option alpha={self.alpha} has no export path: it is computed for fractions '
+                             f'q/p with p <= {MAX_ROOT_DENOMINATOR // 2} (e.g. 0.5, 0.25, 0.3, 2/3)')
+        super().set_exportable(enable)
 
     def extra_repr(self) -> str:
         return f'alpha={self.alpha}, eps={self.eps}, float64={self.float64}, eigh_backend={self.eigh_backend}'
