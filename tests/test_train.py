@@ -165,6 +165,19 @@ def test_hybrid_switch_survives_resume(run_train, tiny_pets, tmp_path):
         'test_halved_isqrt'
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('head', ['meta_layer=isice', 'riemannian=chol_tmlr'])
+def test_one_epoch_with_isice_or_a_riemannian_map(run_train, tiny_pets, tmp_path, head):
+    out = tmp_path / 'run'
+    result = run_train(*TINY, '--model-kwargs', 'gcp_dim=8', head, '--data-dir', tiny_pets, '--epochs', '1',
+                       '--output', out)
+    key, value = head.split('=')
+    assert getattr(result['model'].global_pool, key if key != 'meta_layer' else 'meta_layer_name') == value
+    row = json.loads((out / 'metrics.json').read_text())['history'][0]
+    assert row['train_images'] == 24 and torch.isfinite(torch.tensor(row['train_loss']))
+    assert json.loads((out / 'model' / 'config.json').read_text())['model_args'][key] == value
+
+
 def test_errors_before_any_work(run_train, tiny_pets, tmp_path):
     base = [*TINY, '--epochs', '1']
     with pytest.raises(FileNotFoundError, match='does not exist'):

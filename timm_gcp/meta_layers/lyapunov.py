@@ -82,6 +82,7 @@ MPA_LYA_BIBTEX = """@inproceedings{song2022fast,
 class _LyapunovSqrt(MetaLayer):
     """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` (1 to 100) sign iterations."""
     papers = (MPA_LYA_BIBTEX,)
+    power = 0.5
 
     def __init__(self, lya_iter: int = 8):
         super().__init__()

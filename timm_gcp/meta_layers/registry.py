@@ -1,5 +1,5 @@
 """One registry of matrix normalisations ("meta-layers"): register, create, list."""
-from typing import Callable, Dict, List, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from timm.layers import register_notrace_module
@@ -22,6 +22,7 @@ class MetaLayer(nn.Module):
     """
     name = 'meta-layer'  # the registered name, set by `register_meta_layer`
     papers: Tuple[str, ...] = ()  # BibTeX of the papers behind the method, which model cards cite
+    power: Optional[float] = None  # θ when the layer computes Σ^θ (exactly or approximately), None when it does not
 
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         check_square_batch(cov, f'{self.name} input')
