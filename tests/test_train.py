@@ -198,7 +198,10 @@ def test_errors_before_any_work(run_train, tiny_pets, tmp_path):
         run_train(*base, '--data-dir', tiny_pets, '--img-size', '8', '--output', tmp_path / 'r6')
     with pytest.raises(CheckpointError, match='no checkpoint found'):
         run_train(*base, '--data-dir', tiny_pets, '--resume', tmp_path / 'r5')
-    assert not any((tmp_path / f'r{i}').exists() for i in range(7))  # failed runs leave no run folder behind
+    with pytest.raises(ValueError, match="--switch-meta-layer isice: riemannian='pow_tmlr' .* no matrix power"):
+        run_train(*base, '--data-dir', tiny_pets, '--model-kwargs', 'gcp_dim=8', 'riemannian=pow_tmlr',
+                  '--switch-meta-layer', 'isice@1', '--output', tmp_path / 'r7')
+    assert not any((tmp_path / f'r{i}').exists() for i in range(8))  # failed runs leave no run folder behind
 
 
 def _start(args, cwd=ROOT, launcher=(sys.executable,)):
