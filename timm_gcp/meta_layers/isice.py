@@ -63,13 +63,12 @@ def sparse_inverse_covariance(cov: torch.Tensor, lam: float = 0.01, steps: int =
     """iSICE's sparse inverse of (B, d, d) PSD covariances Σ: P/tr Σ after the proximal-gradient steps on the graphical
     lasso of C = sym(Σ)/tr Σ with penalty `lam` on every entry, from P = (C + λI)⁻¹: `steps` steps of size
     `lr`·(1 − i/(steps − 1)), each on the positive and negative parts of P: P± ← relu(P± − η(±G + λ)), G = C − P⁻¹,
-    P = sym(P⁺ − P⁻); a step that would leave the positive-definite cone is skipped. Options are range-checked by
-    `ISice`."""
+    P = P⁺ − P⁻; a step that would leave the positive-definite cone is skipped. Options are range-checked by `ISice`."""
     trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(_trace_floor(cov.dtype))[:, None, None]
     normalised = symmetrize(cov) / trace
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    inverse = normalised + lam * eye  # positive definite: C ⪰ −√eps·I by the input contract, λ > √eps
-    precision, _ = _InverseWherePositiveDefinite.apply(inverse, eye / lam)  # (eye / lam: the solution for C = 0)
+    inverse = normalised + lam * eye  # positive definite: C ⪰ −√eps·I by the input contract and λ > √eps, so the
+    precision, _ = _InverseWherePositiveDefinite.apply(inverse, eye / lam)  # fallback (I/λ, P* for C = 0) is unused
     for factor in step_factors(steps):
         step = lr * factor
         grad = normalised - inverse
