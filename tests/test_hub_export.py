@@ -150,6 +150,18 @@ def test_citations_follow_the_model(arch, meta_layer, papers):
     assert 'Is Second-order' not in cited and ('Global Second-order' in cited) == arch.startswith('gsop_')
 
 
+@pytest.mark.parametrize('head, cited, not_cited', [
+    ({'meta_layer': 'isice'}, ['Learning Partial Correlation', 'Is Second-order'],
+     ['Understanding Matrix Function Normalizations', 'Iterative Matrix']),
+    ({'riemannian': 'chol_tmlr'}, ['Understanding Matrix Function Normalizations', 'Iterative Matrix'],
+     ['Learning Partial Correlation']),
+    ({'riemannian': 'pow_emlr'}, ['Iterative Matrix'], ['Understanding Matrix Function Normalizations']),
+])
+def test_isice_and_riemgcp_are_cited_when_used(head, cited, not_cited):
+    card = '\n'.join(citations(timm.create_model('gcp_resnet18', gcp_dim=8, num_classes=3, **head)))
+    assert all(title in card for title in cited) and not any(title in card for title in not_cited)
+
+
 def test_a_registered_meta_layer_brings_its_papers_to_the_card():
     @register_meta_layer('cited_identity')
     class CitedIdentity(MetaLayer):

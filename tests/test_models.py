@@ -305,7 +305,7 @@ def test_set_meta_layer_and_model_args():
     model = timm.create_model('gcp_resnet18', num_classes=NUM_CLASSES, gcp_dim=GCP_DIM).eval()
     assert model.gcp_model_args() == dict(
         num_classes=NUM_CLASSES, in_chans=3, global_pool='gcp', gcp_dim=GCP_DIM, meta_layer='isqrt',
-        meta_layer_kwargs={}, layer4_stride=1, dropcov=False)
+        meta_layer_kwargs={}, layer4_stride=1, dropcov=False, riemannian='pow_emlr')
     model.set_meta_layer('isqrt', num_iter=2)
     assert model.global_pool.meta_layer.num_iter == 2 and not model.global_pool.meta_layer.training
     assert model.gcp_model_args()['meta_layer_kwargs'] == {'num_iter': 2}

@@ -76,12 +76,29 @@ def test_local_dir_round_trip(trained_gcp_resnet18, images, tmp_path):
     assert config['architecture'] == 'gcp_resnet18'
     assert config['model_args'] == dict(
         num_classes=10, in_chans=3, global_pool='gcp', gcp_dim=GCP_DIM, meta_layer='isqrt',
-        meta_layer_kwargs={'num_iter': 3}, layer4_stride=1, dropcov=False)
+        meta_layer_kwargs={'num_iter': 3}, layer4_stride=1, dropcov=False, riemannian='pow_emlr')
     reloaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
     assert reloaded.global_pool.meta_layer.num_iter == 3 and reloaded.gcp_model_args() == config['model_args']
     assert_same_weights(reloaded, trained_gcp_resnet18)
     with torch.no_grad():
         assert torch.equal(reloaded(images), trained_gcp_resnet18(images))  # bit-identical
+
+
+@pytest.mark.parametrize('head', [
+    {'meta_layer': 'isice', 'meta_layer_kwargs': {'lam': 0.05, 'steps': 3}},
+    {'riemannian': 'chol_tmlr'},
+    {'meta_layer': 'eig', 'meta_layer_kwargs': {'alpha': 0.4}, 'riemannian': 'log_emlr'},
+], ids=['isice', 'chol_tmlr', 'eig-log_emlr'])
+def test_head_options_round_trip(head, images, tmp_path):
+    """config.json carries the meta-layer's and the head's options: the reload computes the same function."""
+    model = timm.create_model('gcp_resnet18', num_classes=4, gcp_dim=GCP_DIM, **head).eval()
+    directory = export(model, tmp_path / 'export')
+    config = json.loads((directory / 'config.json').read_text())['model_args']
+    assert {k: config[k] for k in head} == head
+    reloaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
+    assert reloaded.gcp_model_args() == model.gcp_model_args()
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
 
 
 def test_gsop_net1_round_trip(images, tmp_path):

@@ -10,6 +10,7 @@ from ..meta_layers import create_meta_layer
 from ..ops import (
     NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_flat_index, triu_vec)
 from .channel_dropout import AdaptiveChannelDropout
+from .riemannian import RiemannianMap
 
 __all__ = ['GCPPool', 'HEAD_OPTIONS', 'gcp_feature_dim', 'head_option_defaults']
 
@@ -35,6 +36,8 @@ class GCPPool(nn.Module):
     `dim=None` skips the 1x1 conv + BN + ReLU reduction and pools the `in_chs` channels directly.
     `dropcov=True` applies DropCov's adaptive channel dropout to the reduced features before the covariance
     (training only; pair it with `meta_layer='cov'` for DropCov as published).
+    `riemannian` maps the meta-layer output M = Σ^θ before the triu vector (`RiemannianMap`, RiemGCP): 'pow_emlr' (M
+    itself, the default), 'scalepow_emlr', 'pow_tmlr', 'chol_tmlr' or 'log_emlr'.
     A non-finite covariance raises `timm_gcp.ops.NonFiniteCovarianceError` saying the features fed to the head are
     non-finite; `torch.jit.script` raises a RuntimeError (use torch.compile).
     """
@@ -49,6 +52,7 @@ class GCPPool(nn.Module):
             meta_layer: str = 'isqrt',
             meta_layer_kwargs: Optional[Dict[str, Any]] = None,
             dropcov: bool = False,
+            riemannian: str = 'pow_emlr',
     ):
         super().__init__()
         if isinstance(in_chs, bool) or not isinstance(in_chs, int) or in_chs < 1:
@@ -66,6 +70,7 @@ class GCPPool(nn.Module):
         self.channel_dropout = AdaptiveChannelDropout() if dropcov else nn.Identity()
         # a constant index for tracers and exporters (which cannot export triu_indices); not in checkpoints
         self.register_buffer('triu_index', triu_flat_index(self.dim), persistent=False)
+        self.riemannian_map = RiemannianMap(riemannian)
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))
 
     @property
@@ -81,9 +86,11 @@ class GCPPool(nn.Module):
         """Swap the matrix normalisation (same parameters, different function: the hybrid protocol); a head in
         export mode stays in it."""
         exportable = getattr(self, 'meta_layer', None) is not None and self.meta_layer.exportable
-        self.meta_layer = create_meta_layer(name, **kwargs)
+        meta_layer = create_meta_layer(name, **kwargs)
+        self.riemannian_map.check_meta_layer(meta_layer)
         if exportable:
-            self.meta_layer.set_exportable(True)
+            meta_layer.set_exportable(True)
+        self.meta_layer = meta_layer
         self.meta_layer_name = name
         self.meta_layer_kwargs = dict(kwargs)
 
@@ -95,12 +102,17 @@ class GCPPool(nn.Module):
     def dropcov(self) -> bool:
         return isinstance(self.channel_dropout, AdaptiveChannelDropout)
 
+    @property
+    def riemannian(self) -> str:
+        return self.riemannian_map.name
+
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.channel_dropout(self.act(self.bn(self.conv(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            pooled = triu_vec(self.meta_layer(covariance(self.reduce(x))), self.triu_index)
+            pooled = triu_vec(self.riemannian_map(self.meta_layer(covariance(self.reduce(x))), self.meta_layer.power),
+                              self.triu_index)
         except NonFiniteCovarianceError as err:
             raise NonFiniteCovarianceError(
                 f'GCPPool: the covariance of its (B, {self.dim}, H, W) reduced features is non-finite, so the features '
@@ -109,7 +121,7 @@ class GCPPool(nn.Module):
         return pooled if autocast_enabled(x) else pooled.to(x.dtype)
 
 
-HEAD_OPTIONS = ('dropcov',)
+HEAD_OPTIONS = ('dropcov', 'riemannian')
 """GCPPool's keyword options beyond the reduction width and the meta-layer. Each is also a model kwarg of every GCP
 model (`timm.create_model('gcp_resnet50', dropcov=True)`), passed to its head and recorded in its config.json: a new
 head option is a keyword of GCPPool, an attribute of the same name, and its name here."""

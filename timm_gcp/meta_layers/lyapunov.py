@@ -93,6 +93,7 @@ def _frobenius_sqrt(cov: torch.Tensor, sqrt_normalized: Callable[[torch.Tensor],
 class _LyapunovSqrt(MetaLayer):
     """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` (1 to 100) sign iterations."""
     papers = (MPA_LYA_BIBTEX,)
+    power = 0.5
 
     def __init__(self, lya_iter: int = 8):
         super().__init__()

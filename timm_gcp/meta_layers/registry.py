@@ -36,6 +36,7 @@ class MetaLayer(nn.Module):
     name = 'meta-layer'  # the registered name, set by `register_meta_layer`
     papers: Tuple[str, ...] = ()  # BibTeX of the papers behind the method, which model cards cite
     export_tolerance: Optional[float] = None  # largest max|export − exact| / max|exact| per matrix; None: exact
+    power: Optional[float] = None  # θ when the layer computes Σ^θ (exactly or approximately), None when it does not
 
     def __init__(self):
         super().__init__()

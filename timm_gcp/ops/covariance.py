@@ -9,8 +9,8 @@ from timm.layers import register_notrace_function
 from .._text import preview
 
 __all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'triu_flat_index',
-           'check_square_batch', 'check_covariance', 'symmetrize', 'is_tracing', 'batch_elements', 'autocast_enabled',
-           'NonFiniteCovarianceError', 'IndefiniteCovarianceError', 'refuse_torchscript']
+           'check_square_batch', 'check_covariance', 'symmetrize', 'is_tracing', 'batch_elements', 'psd_shifted',
+           'autocast_enabled', 'NonFiniteCovarianceError', 'IndefiniteCovarianceError', 'refuse_torchscript']
 
 
 class NonFiniteCovarianceError(ValueError):
@@ -79,15 +79,26 @@ def is_tracing() -> bool:
 
 
 def batch_elements(bad: list) -> str:
-    """'n of B matrices, batch elements [...]' for a per-matrix list of flags."""
+    """'2 of 8 matrices, batch elements [1, 5]' for per-matrix flags `bad`."""
     indices = [i for i, flag in enumerate(bad) if flag]
     return f'{len(indices)} of {len(bad)} matrices, batch elements [{preview(indices, 8)}]'
+
+
+def psd_shifted(m: torch.Tensor, floor: Optional[float] = None) -> torch.Tensor:
+    """sym(M) + s·I for (B, d, d) M, s = max(√eps·|tr M|, floor) (eps of M's dtype; floor: its smallest normal number
+    unless given). It has a Cholesky factor exactly when M has no eigenvalue below −√eps·|tr M|: the PSD tolerance of
+    the meta-layers' input contract (`check_covariance`)."""
+    sym = symmetrize(m)
+    trace = sym.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
+    shift = (torch.finfo(m.dtype).eps ** 0.5 * trace).clamp_min(torch.finfo(m.dtype).tiny if floor is None else floor)
+    return sym + torch.diag_embed(shift[:, None].expand(-1, m.shape[-1]))
 
 
 def check_covariance(cov: torch.Tensor, what: str = 'input covariance') -> None:
     """Raise NonFiniteCovarianceError if the (B, d, d) `cov` holds NaN/Inf, IndefiniteCovarianceError if its
     symmetric part has an eigenvalue below -√eps·|tr Σ| (eps of `cov`'s dtype; decided by whether
-    Σ + √eps·|tr Σ|·I has a Cholesky factor). Both are ValueErrors naming `what` and the batch elements.
+    Σ + √eps·|tr Σ|·I has a Cholesky factor: `psd_shifted`). Both are ValueErrors naming `what` and the batch
+    elements.
 
     One batched Cholesky, one reduction and one device-to-host read (a sync on CUDA); skipped on 'meta' tensors and
     while torch.compile, torch.export or torch.jit.trace (the ONNX exporters) trace.
@@ -96,10 +107,8 @@ def check_covariance(cov: torch.Tensor, what: str = 'input covariance') -> None:
         return
     with torch.no_grad():
         finite = torch.isfinite(cov).flatten(1).all(dim=1)
-        sym = symmetrize(torch.where(finite[:, None, None], cov, torch.zeros_like(cov)))
-        trace = sym.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
-        shift = (torch.finfo(cov.dtype).eps ** 0.5 * trace).clamp_min(torch.finfo(cov.dtype).tiny)
-        info = torch.linalg.cholesky_ex(sym + torch.diag_embed(shift[:, None].expand(-1, cov.shape[-1])))[1]
+        checked = torch.where(finite[:, None, None], cov, torch.zeros_like(cov))
+        info = torch.linalg.cholesky_ex(psd_shifted(checked)).info
         non_finite, indefinite = torch.stack([~finite, info != 0]).tolist()
     if any(non_finite):
         raise NonFiniteCovarianceError(f'{what} is non-finite (NaN or Inf in {batch_elements(non_finite)})')
