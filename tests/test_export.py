@@ -173,6 +173,23 @@ def test_power_without_export_path_is_named():
     assert not layer.exportable
 
 
+@pytest.mark.parametrize('kwargs, needs', [
+    (dict(meta_layer='isice'), 'meta-layer isice .* Cholesky'),
+    (dict(riemannian='chol_tmlr'), "riemannian='chol_tmlr' .* Cholesky"),
+    (dict(riemannian='log_emlr'), "riemannian='log_emlr' .* eigendecomposition"),
+])
+def test_heads_without_an_onnx_path_refuse_export_mode_and_keep_torch_export(kwargs, needs):
+    """ONNX has no Cholesky or eigendecomposition: export mode is refused, at construction under timm's
+    exportable=True and by the switch, which then changes nothing; torch.export keeps them exact."""
+    with pytest.raises(ValueError, match=f'{needs}.*torch.export'):
+        timm.create_model('gcp_resnet18', num_classes=5, gcp_dim=8, exportable=True, **kwargs)
+    model = timm.create_model('gcp_resnet18', num_classes=5, gcp_dim=8, **kwargs).eval()
+    with pytest.raises(ValueError, match=needs):
+        model.set_exportable(True)
+    assert not model.global_pool.meta_layer.exportable
+    assert _torch_export_difference(model) < 1e-5
+
+
 def test_triu_index_is_a_buffer_outside_checkpoints():
     pool = GCPPool(8, dim=4)
     assert 'triu_index' in dict(pool.named_buffers()) and 'triu_index' not in pool.state_dict()

@@ -7,6 +7,7 @@ Each map takes the meta-layer's output M = Σ^θ and θ (`MetaLayer.power`); der
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from timm.layers import is_exportable
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -109,6 +110,17 @@ class RiemannianMap(nn.Module):
         if not isinstance(name, str) or name not in _MAPS:
             raise ValueError(f'riemannian must be one of {", ".join(RIEMANNIAN_MAPS)}, got {name!r}')
         self.name = name
+        if is_exportable():  # timm's layer config, as `timm.create_model(..., exportable=True)` sets it
+            self.set_exportable(True)
+
+    def set_exportable(self, enable: bool = True) -> None:
+        """Refuse export mode for the maps ONNX cannot express ('chol_tmlr': Cholesky, 'log_emlr': an eigenvalue
+        decomposition); the others are built from ONNX's ops as they are."""
+        if enable and self.name in ('chol_tmlr', 'log_emlr'):
+            raise ValueError(f"riemannian={self.name!r} has no ONNX export path (it needs "
+                             f"{'a Cholesky factorisation' if self.name == 'chol_tmlr' else 'an eigendecomposition'}, "
+                             f"which ONNX lacks): deploy it with torch.export.export, which keeps it exact "
+                             f"(docs/models.md#deploying)")
 
     @property
     def papers(self) -> Tuple[str, ...]:

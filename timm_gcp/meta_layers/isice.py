@@ -108,5 +108,13 @@ class ISice(MetaLayer):
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
         return sparse_inverse_covariance(cov, self.lam, self.steps, self.lr)
 
+    def set_exportable(self, enable: bool = True) -> None:
+        """isice has no export path: ONNX has no Cholesky factorisation (torch.export keeps the exact layer)."""
+        if enable:
+            raise ValueError('meta-layer isice has no ONNX export path (its exact inverse needs a Cholesky '
+                             'factorisation, which ONNX lacks): deploy it with torch.export.export, which keeps it '
+                             'exact (docs/models.md#deploying)')
+        super().set_exportable(enable)
+
     def extra_repr(self) -> str:
         return f'lam={self.lam}, steps={self.steps}, lr={self.lr}'
