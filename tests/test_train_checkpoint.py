@@ -285,6 +285,8 @@ def test_a_trainer_state_field_of_the_wrong_type_is_named(tmp_path):
     cases = [({'updates': True}, r'"updates" must be a whole number >= 0, got True'),
              ({'train_loss_sum': 'NaN'}, r'"train_loss_sum" must be a finite number or null'),
              ({'history': {}}, r'"history" must be a list, got dict'),
+             ({'history': [0]}, r'"history" must hold one row per finished epoch, 0 to 0, for "epoch" 1; it holds '
+                                r'epochs None'),
              ({'history': [{'epoch': 0, 'top1': 'high', 'top5': 1.0, 'val_loss': 1.0}]},
               r'"history" row of epoch 0 holds \{\'top1\': \'high\'\}'),
              ({'files': {'../model.safetensors': content['files']['model.safetensors']}},

@@ -415,6 +415,7 @@ def test_printed_commands_run_when_pasted_into_a_shell(tmp_path):
                                                        'HF_TOKEN or run `hf auth login`\n', pushed.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_last_good_checkpoint(train_script, finished,  # noqa
                                                                                       tiny_pets, tmp_path,
                                                                                       monkeypatch, capsys):
@@ -430,10 +431,11 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_last_good_checkp
         raise OSError(errno.ENOSPC, 'No space left on device')
 
     monkeypatch.setattr(Accelerator, 'save_state', full_disk)
-    code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_pets, '--epochs', '2', '--resume', run])
+    code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_pets, '--epochs', '2', '--checkpoint-interval',
+                                         '1', '--resume', run])
     assert code == EXIT_OUTPUT_UNWRITABLE
     message = _one_error_line(capsys.readouterr().err)
-    assert re.fullmatch(rf'cannot write {re.escape(str(run))}/checkpoints/\.tmp-checkpoint-u000000012-e0002: no space '
+    assert re.fullmatch(rf'cannot write {re.escape(str(run))}/checkpoints/\.tmp-checkpoint-u000000007-e0001: no space '
                         rf'left on device \(ENOSPC\); [\d,.]+ MiB free there; the partial checkpoint is removed; last '
                         rf'good checkpoint: {re.escape(str(good))}', message), message
     assert [p.name for p in (run / 'checkpoints').iterdir()] == [good.name]  # removed at once, not at the next save

@@ -22,7 +22,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from .. import __version__
-from .._text import preview
+from .._text import first_not_utf8, preview
 from ..layers import GCPPool, gcp_feature_dim
 from ..training.model import nonfinite_tensors
 from .manifest import MANIFEST_NAME, build_manifest
@@ -53,12 +53,10 @@ def _check_label_names(label_names: Any, what: str) -> None:
     another encoding, decoded by Python with surrogate escapes)."""
     if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
         raise TypeError(f'{what} must be a sequence of str, got {type(label_names).__name__}')
-    for name in label_names:
-        try:
-            name.encode('utf-8')
-        except UnicodeEncodeError:
-            raise ValueError(f'{what} holds {ascii(name)}, which is not valid UTF-8 text (a class folder named in '
-                             f'another encoding?): rename it') from None
+    bad = first_not_utf8(label_names)
+    if bad is not None:
+        raise ValueError(f'{what} holds {ascii(bad)}, which is not valid UTF-8 text (a class folder named in another '
+                         f'encoding?): rename it')
 
 
 def _check_no_local_paths(name: str, text: str) -> None:

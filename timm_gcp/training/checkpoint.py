@@ -31,7 +31,8 @@ _RNG_KEYS = {'random_state', 'numpy_random_seed', 'torch_manual_seed'}
 @dataclass
 class TrainState:
     """Where a run stands: `epoch` in progress (0-based), its `batches_done`, optimizer `updates` so far; `command`
-    started the run; `files` are the size and SHA-256 of every other file of the checkpoint it was saved in."""
+    started the run; `files` are the size and SHA-256 of every other file of the checkpoint it was saved in (its
+    trainer_state.json records the SHA-256 of its own content beside them, under `sha256`)."""
     epoch: int = 0
     batches_done: int = 0
     updates: int = 0
@@ -95,7 +96,7 @@ def _check_fields(state: TrainState, checkpoint: Path) -> None:
     if named and (int(named[1]), int(named[2])) != (state.updates, state.epoch):
         raise ValueError(f'"updates" {state.updates} and "epoch" {state.epoch} disagree with the folder name '
                          f'{checkpoint.name}')
-    epochs = [row.get('epoch') if isinstance(row, dict) else row for row in state.history]
+    epochs = [row.get('epoch') if isinstance(row, dict) else None for row in state.history]
     if epochs != list(range(state.epoch)):
         raise ValueError(f'"history" must hold one row per finished epoch, 0 to {state.epoch - 1}, for "epoch" '
                          f'{state.epoch}; it holds epochs {preview(epochs)}')

@@ -17,7 +17,7 @@ from timm.data.readers.reader_image_folder import find_images_and_targets
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
 
-from .._text import preview
+from .._text import first_not_utf8, preview
 
 _logger = logging.getLogger(__name__)
 
@@ -111,12 +111,10 @@ def _index_folder(split_dir: Path, class_names: Optional[Sequence[str]] = None) 
                      key=natural_key)
     if not folders:
         raise ValueError(f'{split_dir} holds no class folders; expected <split>/<class>/<image> files')
-    for name in folders:
-        try:
-            name.encode('utf-8')
-        except UnicodeEncodeError:
-            raise ValueError(f'class folder name {os.fsencode(name)!r} in {split_dir} is not valid UTF-8: class names '
-                             f'are published in config.json and the model card; rename the folder') from None
+    bad = first_not_utf8(folders)
+    if bad is not None:
+        raise ValueError(f'class folder name {os.fsencode(bad)!r} in {split_dir} is not valid UTF-8: class names are '
+                         f'published in config.json and the model card; rename the folder')
     _check_no_symlink_loop(split_dir)
     unknown = sorted(set(folders) - set(class_names or folders))
     if unknown:

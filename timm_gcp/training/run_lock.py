@@ -68,7 +68,7 @@ def own_run_dir(accelerator: Any, run_dir: Path, resuming: bool) -> Iterator[Non
                 holder = 'unknown'
             refusal = OutputInUse(f'{run_dir} is in use by another run ({holder}); wait for it to end or choose '
                                   f'another --output')
-        except OSError as err:  # OutputUnwritable
+        except OSError as err:  # OutputUnwritable (or a bug), raised on every process below
             refusal = err
         else:
             reason = _refusal(run_dir, resuming)
