@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
+from timm_gcp.hub.export import record_manifest
 from timm_gcp.hub.cli import redact_token
 from timm_gcp.hub.manifest import build_manifest
 from timm_gcp.hub.push import file_digest, push_model, with_retries
@@ -334,7 +335,7 @@ EXPORTED = ('model.safetensors', 'config.json', 'README.md')
 
 
 def _record_manifest(folder: Path) -> None:
-    """Record the folder's files in its manifest again, as whoever changed them could."""
+    """Record the folder's files in its manifest again, as whoever changed them could (without timm_gcp)."""
     (folder / 'timm_gcp_manifest.json').write_bytes(build_manifest({name: folder / name for name in EXPORTED}))
 
 
@@ -363,6 +364,14 @@ def test_verify_names_a_file_changed_since_the_export(exported, tmp_path):
     (exported / 'timm_gcp_manifest.json').unlink()
     with pytest.raises(VerificationError, match=r'has no timm_gcp_manifest.json: .* export the model again'):
         verify_folder(exported)
+
+
+def test_a_card_changed_on_purpose_is_recorded_again(exported):
+    (exported / 'README.md').write_text((exported / 'README.md').read_text() + '\n## Robustness\n\nmeasured later\n')
+    with pytest.raises(VerificationError, match='README.md differs from the export'):
+        verify_folder(exported)
+    record_manifest(exported)  # what a tool that edits the card (e.g. adding measured results) does after
+    assert verify_folder(exported).sha256['README.md'] == file_digest(exported / 'README.md')[0]
 
 
 def test_verify_refuses_label_names_that_are_not_utf8(exported):

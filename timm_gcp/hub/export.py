@@ -180,6 +180,15 @@ def remove_staging(output_dir: Union[str, os.PathLike]) -> None:
         shutil.rmtree(staged)
 
 
+def record_manifest(folder: Union[str, os.PathLike]) -> None:
+    """Write the folder's timm_gcp_manifest.json: the sha256 and size of its EXPORT_FILES, which `timm-gcp verify`
+    checks (export_model calls it; so should a tool that changes an export's file on purpose)."""
+    folder = Path(folder)
+    architecture = json.loads((folder / 'config.json').read_text())['architecture']
+    (folder / MANIFEST_NAME).write_bytes(build_manifest({name: folder / name for name in EXPORT_FILES},
+                                                        architecture=architecture, timm_gcp_version=__version__))
+
+
 def export_model(model: nn.Module, output_dir: Union[str, os.PathLike], *, label_names: Sequence[str],
                  metrics: Optional[Mapping[str, Any]] = None, recipe: Optional[Mapping[str, Any]] = None,
                  command: Optional[str] = None, dataset: Optional[str] = None,
@@ -229,9 +238,7 @@ def export_model(model: nn.Module, output_dir: Union[str, os.PathLike], *, label
         card.save(staged / 'README.md')
         for name in ('config.json', 'README.md'):
             _check_no_local_paths(name, (staged / name).read_text())
-        (staged / MANIFEST_NAME).write_bytes(build_manifest({name: staged / name for name in EXPORT_FILES},
-                                                            architecture=config['architecture'],
-                                                            timm_gcp_version=__version__))
+        record_manifest(staged)
         umask = os.umask(0o022)  # mkdtemp makes 0700, safetensors 0600: give the modes mkdir() and open() would
         os.umask(umask)
         staged.chmod(0o777 & ~umask)

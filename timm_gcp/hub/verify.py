@@ -115,8 +115,8 @@ def _check_model(model_name: str, folder: Path, data_dir: Optional[Union[str, Pa
     dataset.transform = create_transform(**resolve_model_data_config(model))
     result = evaluate(model, create_dataloader(dataset, batch_size, False, 0), flip_test=hflip_average)
     measured = {'top1': result['top1'], 'top5': result['top5'], 'count': result['val_images']}
-    for key, value in card.items():
-        if abs(round(measured[key], 2) - value) > tolerance:  # the card holds it rounded to 2 decimals
+    for key, value in card.items():  # the card holds 2 decimals
+        if abs(round(measured[key], 2) - value) > tolerance:
             raise VerificationError(f'{key}: re-evaluated {measured[key]:.2f}% on {data_dir} vs card {value:.2f}% '
                                     f'(tolerance {tolerance} points)')
     return card, measured
