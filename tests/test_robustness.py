@@ -18,6 +18,7 @@ from timm_gcp.hub.cli import main
 from timm_gcp.hub.export import check_export_dir
 from timm_gcp.hub.robustness import (
     CORRUPTIONS, Corruption, check_conditions, corruption_transform, summarize)
+from timm_gcp.hub.verify import verify_folder
 from timm_gcp.training.data import create_eval_dataset
 from tiny_images import image_folder
 
@@ -135,6 +136,7 @@ def test_cli_end_to_end_with_baseline_and_card(study, tmp_path, capsys):
     assert card.count('## Corruption robustness') == 1 and 'validation split of `data`' in card
     assert card.index('## Corruption robustness') < card.index('## How to use')
     check_export_dir(study / 'gcp')                     # still fit to publish: no local path entered the card
+    verify_folder(study / 'gcp')                        # and the export's manifest records the new card
     # the same seed gives the same numbers; a second --update-card replaces the section
     assert _run(study / 'gcp', '--data-dir', study / 'data', '--baseline', study / 'gap', '--output', tmp_path / 'again',
                 '--corruptions', 'contrast,fog', '--severities', '2', '--seed', '3', '--update-card') == 0

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .export import _check_no_local_paths
+from .export import _check_no_local_paths, record_manifest
 from .robustness import CORRUPTION_FAMILIES
 
 CARD_START, CARD_END = '<!-- timm-gcp robustness -->', '<!-- /timm-gcp robustness -->'
@@ -181,7 +181,8 @@ def card_section(result: Dict[str, Any]) -> str:
 
 def update_card(folder: Union[str, os.PathLike], result: Dict[str, Any]) -> Path:
     """Put `result` into the README.md of an export folder (replacing an earlier robustness section, else before
-    'How to use'), atomically; ValueError if the section would publish a local path."""
+    'How to use'), atomically, and record the changed card in the folder's manifest; ValueError if the section would
+    publish a local path."""
     card = Path(folder) / 'README.md'
     text, section = card.read_text(), card_section(result)
     _check_no_local_paths('the robustness section', section)
@@ -194,4 +195,5 @@ def update_card(folder: Union[str, os.PathLike], result: Dict[str, Any]) -> Path
     else:
         text = f'{text.rstrip()}\n\n{section}\n'
     write_text_atomic(card, text)
+    record_manifest(folder)  # the export's record of its files, which `timm-gcp verify` checks
     return card
