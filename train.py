@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 import typing
@@ -105,7 +106,8 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.
-    cooldown_epochs: int = 0
+    cooldown_epochs: int = _flag(0, 'epochs at --min-lr after the schedule, within --epochs; negative: the schedule runs '
+                                    'that many epochs past --epochs (a cut-off schedule, e.g. imagenet_30ep_lrfast)')
     # regularisation
     mixup: float = 0.
     cutmix: float = 0.
@@ -331,23 +333,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def train(cfg: TrainConfig, command: str) -> Dict[str, Any]:
-    """The run: config, data, model, optimizer, loop, evaluation, export."""
+    """The run: config, data, model, optimizer, loop, evaluation, export. SIGINT/SIGTERM end it at once (128 + N)
+    outside the training loop, at the next update or epoch end inside it (after a checkpoint)."""
     from accelerate import Accelerator, DataLoaderConfiguration
 
-    from timm_gcp.training.checkpoint import select_checkpoint
+    from timm_gcp.training.checkpoint import StopSignal, latest_checkpoint, select_checkpoint
+    from timm_gcp.training.errors import disk_errors
     from timm_gcp.training.run_lock import own_run_dir
-    checkpoint, state, skipped = select_checkpoint(cfg.resume) if cfg.resume else (None, None, [])
-    run_dir = resolve_run_dir(cfg, checkpoint)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=None if cfg.log_with == 'none' else cfg.log_with, project_dir=str(run_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    for note in skipped:
-        accelerator.print(note, flush=True)
-    if skipped:
-        accelerator.print(f'resuming from the older intact checkpoint {checkpoint}', flush=True)
-    with own_run_dir(accelerator, run_dir, resuming=checkpoint is not None):
-        return _train(cfg, command, accelerator, run_dir, checkpoint, state)
+    with StopSignal(defer=False):
+        checkpoint, state, skipped = select_checkpoint(cfg.resume) if cfg.resume else (None, None, [])
+        run_dir = resolve_run_dir(cfg, checkpoint)
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+            log_with=None if cfg.log_with == 'none' else cfg.log_with, project_dir=str(run_dir),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        for note in skipped:
+            accelerator.print(note, flush=True)
+        if skipped:
+            accelerator.print(f'resuming from the older intact checkpoint {checkpoint}', flush=True)
+        with own_run_dir(accelerator, run_dir, resuming=checkpoint is not None), \
+                disk_errors(run_dir, lambda: f'last good checkpoint: {latest_checkpoint(run_dir) or "none"}'):
+            return _train(cfg, command, accelerator, run_dir, checkpoint, state)
 
 
 def create_scheduler(optimizer: Any, cfg: TrainConfig, updates_per_epoch: int) -> Any:
@@ -371,6 +377,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
 
     from timm_gcp._text import preview
     from timm_gcp.hub import export_model
+    from timm_gcp.hub.export import remove_staging
     from timm_gcp.training.checkpoint import (
         Checkpointer, StopSignal, TrainState, check_compatible, consolidate_counters, load_ema)
     from timm_gcp.training.data import create_dataloader, create_datasets, create_transforms
@@ -388,6 +395,8 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                                    f'({preview(bad, 3)})')
 
     set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        remove_staging(run_dir / 'model')  # what an export killed in this run folder left beside it
     switch = parse_meta_layer_switch(cfg.switch_meta_layer)
     accelerator.print(f'recipe: {cfg.recipe}' + (' (the bundled demo)' if cfg.recipe == DEFAULT_RECIPE else ''),
                       flush=True)
@@ -471,7 +480,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
         trim_summary(str(summary_csv), state.epoch)  # rows past the resumed checkpoint (timm's resume rule)
 
     # ---- training loop -----------------------------------------------------------------------------------------------
-    with StopSignal() as stop:
+    with StopSignal(defer=True) as stop:
         def on_update() -> bool:
             if cfg.log_interval and state.updates % cfg.log_interval == 0:
                 accelerator.print(f'epoch {state.epoch} batch {state.batches_done}/{len(train_loader)} '
@@ -498,6 +507,7 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                 train_one_epoch(accelerator, model, optimizer, scheduler, loss_fn, loader, state, len(train_loader),
                                 on_update, mixup, ema, cfg.clip_grad, cfg.channels_last, cfg.max_nonfinite_updates,
                                 cfg.progress)
+                train_time = time.time() - start
                 if stop.received_anywhere(accelerator):
                     _exit_interrupted(accelerator, run_dir, command, stop.received)
                 check_finite(bare, f'at the end of epoch {epoch} update {state.updates}')
@@ -507,7 +517,8 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                 row = {'epoch': epoch, 'lr': base_lr(optimizer),
                        'meta_layer': state.meta_layer or getattr(bare, 'meta_layer_name', None),
                        'train_loss': state.train_loss_sum / max(state.train_samples, 1),
-                       'train_images': state.train_samples, 'unreadable_train': state.unreadable_train}
+                       'train_images': state.train_samples, 'unreadable_train': state.unreadable_train,
+                       'train_time_s': round(train_time, 2)}
                 row.update(evaluate(model, val_loader, accelerator, cfg.flip_test, cfg.channels_last,
                                     cfg.progress))
                 if ema is not None:
@@ -529,6 +540,8 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
                                   f'{row["val_loss"]:.4f} top-1 {row["top1"]:.2f} top-5 {row["top5"]:.2f} '
                                   f'({row["val_images"]} images) | lr {row["lr"]:.3g} | '
                                   f'{row["epoch_time_s"]:.1f}s', flush=True)
+                if stop.received_anywhere(accelerator):  # during the evaluation: this epoch's checkpoint is saved
+                    _exit_interrupted(accelerator, run_dir, command, stop.received)
         except TrainingDiverged as err:
             accelerator.end_training()
             raise TrainingDiverged(f'{err}; last good checkpoint: '
@@ -546,7 +559,8 @@ def _train(cfg: TrainConfig, command: str, accelerator: Any, run_dir: Path, chec
         accelerator.print(f'final (epoch {final["epoch"]}): top-1 {final["top1"]:.2f} top-5 {final["top5"]:.2f}; '
                           f'best (epoch {best["epoch"]}): top-1 {best["top1"]:.2f} top-5 {best["top5"]:.2f}')
         accelerator.print(f'Hub-ready model: {model_dir}')
-        accelerator.print(f'publish it with: timm-gcp push {model_dir} --repo-id ORG/NAME')
+        push = ['timm-gcp', 'push', str(model_dir), '--repo-id', 'ORG/NAME']
+        accelerator.print(f'publish it with: {shlex.join(push)}')
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {'run_dir': run_dir, 'metrics': metrics, 'model': final_model, 'data_config': data_config}
@@ -572,8 +586,9 @@ def _base_model(cfg: TrainConfig, model: Any) -> Optional[str]:
 
 def _exit_interrupted(accelerator: Any, run_dir: Path, command: str, signum: Optional[int]) -> None:
     accelerator.end_training()
-    accelerator.print(f'interrupted: checkpoint saved; continue with: {command} --resume {run_dir}', flush=True)
-    sys.exit(128 + (signum or 2))
+    accelerator.print(f'interrupted: checkpoint saved; continue with: {command} --resume '
+                      f'{shlex.quote(str(run_dir))}', flush=True)
+    sys.exit(128 + (signum or signal.SIGINT))
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
@@ -582,9 +597,9 @@ def cli(argv: Optional[List[str]] = None) -> int:
     debug = cfg.debug or os.environ.get('TIMM_GCP_DEBUG', '') not in ('', '0')
     try:
         train(cfg, command_line(argv))
-    except KeyboardInterrupt:  # before the training loop handles signals
+    except KeyboardInterrupt as err:  # a signal outside the training loop: `Interrupted`, or SIGINT's default
         print('train.py: interrupted', file=sys.stderr)
-        return 128 + 2
+        return 128 + getattr(err, 'signum', signal.SIGINT)
     except Exception as err:
         from timm_gcp.training.errors import exit_code_of  # imported here: `--help` stays quick
         code = exit_code_of(err)

@@ -1,4 +1,5 @@
-"""Meta-layer micro-benchmarks: forward and forward+backward of each meta-layer on the covariance of random features.
+"""Meta-layer micro-benchmarks: forward and forward+backward of each meta-layer (and of RiemGCP's maps after isqrt) on
+the covariance of random features, with the memory a forward keeps for its backward.
 
 The input is `covariance(randn(B, d, M))`, computed once outside the timed region: only the meta-layer is timed.
 """
@@ -10,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from timm_gcp import covariance, create_meta_layer
+from timm_gcp.layers import RIEMANNIAN_MAPS, RiemannianMap
 from timm_gcp.meta_layers import SpectralPower
 from timm_gcp.ops import eigh
 
@@ -33,20 +35,38 @@ def random_covariance(batch: int, dim: int, positions: int, device: torch.device
     return covariance(torch.randn(batch, dim, positions, device=device, dtype=dtype))
 
 
+def saved_mib(fn: MatrixFn, cov: torch.Tensor) -> float:
+    """MiB that one forward of `fn` keeps for its backward: the storages of autograd's saved tensors (custom Functions'
+    included), each counted once, the input's excluded. What a training step holds per call, on any device."""
+    leaf = cov.detach().clone().requires_grad_()
+    storages: Dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() != leaf.untyped_storage().data_ptr():
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(leaf)
+    return sum(storages.values()) / 2 ** 20
+
+
 def time_forward_backward(fn: MatrixFn, cov: torch.Tensor, warmup: int, reps: int,
                           backward: bool = True) -> Dict[str, Optional[float]]:
-    """{'fwd_ms', 'fwd_bwd_ms'} of `fn` on `cov`; the backward gets a random (non-symmetric) output gradient."""
+    """{'fwd_ms', 'fwd_bwd_ms', 'saved_mib'} of `fn` on `cov` (`saved_mib`); the backward gets a random
+    (non-symmetric) output gradient."""
     with torch.no_grad():
         fwd = median_ms(lambda: fn(cov), cov.device, warmup, reps)
     if not backward:
-        return {'fwd_ms': fwd, 'fwd_bwd_ms': None}
+        return {'fwd_ms': fwd, 'fwd_bwd_ms': None, 'saved_mib': None}
     leaf = cov.detach().clone().requires_grad_()
     grad = torch.randn_like(cov)
 
     def step():
         leaf.grad = None
         fn(leaf).backward(grad)
-    return {'fwd_ms': fwd, 'fwd_bwd_ms': median_ms(step, cov.device, warmup, reps)}
+    return {'fwd_ms': fwd, 'fwd_bwd_ms': median_ms(step, cov.device, warmup, reps), 'saved_mib': saved_mib(fn, cov)}
 
 
 def product_gflop(fn: MatrixFn, cov: torch.Tensor) -> float:
@@ -81,6 +101,21 @@ def grid(names: Sequence[str], batches: Sequence[int], dims: Sequence[int], posi
             config_rows.append(row)
         isqrt = next((r for r in config_rows if r['meta_layer'] == 'isqrt'), {})
         rows += _with_ratios(config_rows, isqrt)
+    return rows
+
+
+def riemannian_maps(device: torch.device, batches: Sequence[int], dims: Sequence[int], positions: Sequence[int],
+                    warmup: int, reps: int) -> List[Dict[str, object]]:
+    """Each RiemGCP map (`timm_gcp.layers.RiemannianMap`) after isqrt (θ = ½) at every (B, d, M), with ratios to
+    isqrt alone ('pow_emlr', the map that changes nothing)."""
+    root = create_meta_layer('isqrt').to(device)
+    rows = []
+    for batch, dim, num_positions in itertools.product(batches, dims, positions):
+        cov = random_covariance(batch, dim, num_positions, device)
+        rows += _measure_variants({
+            f'isqrt + {name}': lambda m=RiemannianMap(name): time_forward_backward(
+                lambda c: m(root(c), root.power), cov, warmup, reps)
+            for name in RIEMANNIAN_MAPS}, batch, dim, num_positions)
     return rows
 
 

@@ -99,11 +99,19 @@ def markdown(result: Dict[str, object]) -> str:
             parts.append(f'Whole-network GCP rows skipped: {network["skipped"]}.')
     grid = result.get('grid', [])
     if grid:
-        parts += ['## Every meta-layer, every (B, d, M)', _table(
-            ['meta-layer', 'B', 'd', 'M', 'fwd ms', 'fwd / isqrt', 'fwd+bwd ms', 'fwd+bwd / isqrt'],
+        parts += ['## Every meta-layer, every (B, d, M)', 'saved MiB: what one forward keeps for its backward '
+                  "(autograd's saved tensors, the input excluded).", _table(
+            ['meta-layer', 'B', 'd', 'M', 'fwd ms', 'fwd / isqrt', 'fwd+bwd ms', 'fwd+bwd / isqrt', 'saved MiB'],
             [[r['meta_layer'], str(r['batch']), str(r['dim']), str(r['positions']), _fmt(r.get('fwd_ms'), 3),
-              _fmt(r.get('fwd_vs_isqrt')), _fmt(r.get('fwd_bwd_ms'), 3),
-              _fmt(r.get('fwd_bwd_vs_isqrt')) + (f' ({r["error"]})' if 'error' in r else '')] for r in grid])]
+              _fmt(r.get('fwd_vs_isqrt')), _fmt(r.get('fwd_bwd_ms'), 3), _fmt(r.get('fwd_bwd_vs_isqrt')),
+              _fmt(r.get('saved_mib'), 1) + (f' ({r["error"]})' if 'error' in r else '')] for r in grid])]
+    maps = result.get('riemannian', [])
+    if maps:
+        parts += ["## RiemGCP's maps after isqrt, every (B, d, M)", _table(
+            ['variant', 'B', 'd', 'M', 'fwd ms', 'fwd+bwd ms', 'fwd+bwd / isqrt alone', 'saved MiB'],
+            [[r['variant'], str(r['batch']), str(r['dim']), str(r['positions']), _fmt(r.get('fwd_ms'), 3),
+              _fmt(r.get('fwd_bwd_ms'), 3), _fmt(r.get('fwd_bwd_vs_isqrt')),
+              _fmt(r.get('saved_mib'), 1) + (f' ({r["error"]})' if 'error' in r else '')] for r in maps])]
     return '\n\n'.join(parts) + '\n'
 
 

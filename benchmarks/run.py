@@ -1,4 +1,5 @@
-"""Benchmark suite: every meta-layer (forward, forward+backward) and whole-network training against in-run baselines.
+"""Benchmark suite: every meta-layer and RiemGCP map (forward, forward+backward, memory kept for the backward) and
+whole-network training against in-run baselines.
 
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--meta-layers a,b] [--sections s,t]
                              [--batches 64 --dims 256 --positions 196] [--output DIR]
@@ -18,7 +19,7 @@ import timm_gcp
 from timm_gcp.ops import auto_eigh_backend
 
 import report
-from meta_layer_bench import KEY_CONFIG, compiled_isqrt, grid, key_config_baselines
+from meta_layer_bench import KEY_CONFIG, compiled_isqrt, grid, key_config_baselines, riemannian_maps
 from network_bench import training_throughput
 from timing import spin_up
 
@@ -31,7 +32,7 @@ QUICK = dict(batches=[4], dims=[16], positions=[49], warmup=1, reps=3, key={'bat
 # ICCV'21 layer in float32 instead of its float64 default
 CUDA_VARIANTS = [('eig', {'eigh_backend': 'torch'}, True), ('isqrt', {'compile': True}, False),
                  ('svd_pade', {'float64': False}, False)]
-SECTIONS = ('key_config', 'grid', 'network', 'compiled')  # 'compiled' (CUDA graphs) runs on CUDA only
+SECTIONS = ('key_config', 'grid', 'riemannian', 'network', 'compiled')  # 'compiled' (CUDA graphs): CUDA only
 GRID_SIZES = ('batches', 'dims', 'positions')
 LOCAL_RESULTS = Path(__file__).resolve().parent / 'results' / 'local'
 
@@ -96,6 +97,8 @@ def main(argv=None) -> None:
                                                    cfg['reps'], **cfg['key']),
         'grid': lambda: grid(args.meta_layers, cfg['batches'], cfg['dims'], cfg['positions'], device,
                              cfg['warmup'], cfg['reps']),
+        'riemannian': lambda: riemannian_maps(device, cfg['batches'], cfg['dims'], cfg['positions'], cfg['warmup'],
+                                              cfg['reps']),
         'network': lambda: training_throughput(cfg['arch'], args.meta_layers, device, cfg['net_batch'],
                                                cfg['image_size'], cfg['net_warmup'], cfg['net_reps'],
                                                variants=CUDA_VARIANTS if cuda else []),

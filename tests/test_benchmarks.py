@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from timm_gcp.layers import RIEMANNIAN_MAPS
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 RUN = BENCHMARKS / 'run.py'
 
@@ -22,6 +24,10 @@ def test_quick_cpu_suite_writes_results(tmp_path):
     assert plain['fwd_bwd_vs_isqrt'] == pytest.approx(plain['fwd_bwd_ms'] / fused['fwd_bwd_ms'])
     assert fused['fwd_bwd_gflop'] == pytest.approx(plain['fwd_bwd_gflop'] * 32 / 36)  # 5 iterations, B=4, d=32
     assert [r['meta_layer'] for r in result['grid']] == ['isqrt'] and result['grid'][0]['fwd_bwd_ms'] > 0
+    assert result['grid'][0]['saved_mib'] > 0  # what the forward keeps for the backward
+    maps = {r['variant']: r for r in result['riemannian']}
+    assert set(maps) == {f'isqrt + {name}' for name in RIEMANNIAN_MAPS}
+    assert maps['isqrt + pow_emlr']['fwd_bwd_vs_isqrt'] == 1.0 and maps['isqrt + log_emlr']['fwd_bwd_ms'] > 0
     network = {r['model']: r for r in result['network']['rows']}
     assert set(network) == {'resnet18', 'gcp_resnet18'}
     gap, gcp = network['resnet18'], network['gcp_resnet18']

@@ -1,5 +1,6 @@
 """export_model and the model card: files, config, atomic replacement, YAML metadata, citations."""
 import getpass
+import hashlib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ from huggingface_hub import ModelCard
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export as export_module
-from timm_gcp.hub.export import card_metrics, citations, export_model
+from timm_gcp.hub.export import card_metrics, citations, export_model, remove_staging
 from timm_gcp.meta_layers import MetaLayer, register_meta_layer
 
 METRICS = {'top1': 81.25, 'top5': 97.5, 'best_top1': 82.5, 'best_top5': 98.0, 'best_epoch': 7, 'epochs': 10}
@@ -35,7 +36,13 @@ def test_export_writes_loadable_folder(gcp_model, tmp_path):
     out = export_model(gcp_model, tmp_path / 'run' / 'model', label_names=['cat', 'dog', 'owl'], metrics=METRICS,
                        recipe=RECIPE, command=COMMAND, dataset='pets')
     assert out == tmp_path / 'run' / 'model'
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors',
+                                                     'timm_gcp_manifest.json']
+    manifest = json.loads((out / 'timm_gcp_manifest.json').read_text())
+    assert manifest['files'] == {name: {'sha256': hashlib.sha256((out / name).read_bytes()).hexdigest(),
+                                        'size': (out / name).stat().st_size}
+                                 for name in ('README.md', 'config.json', 'model.safetensors')}
+    assert manifest['architecture'] == 'gcp_resnet18'
     assert [p.name for p in (tmp_path / 'run').iterdir()] == ['model']  # no temp dirs left behind
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'gcp_resnet18' and config['label_names'] == ['cat', 'dog', 'owl']
@@ -180,6 +187,18 @@ def test_export_with_head_options_reloads_and_cites(name, options, features, pap
     assert features in readme and all(p in readme for p in papers)
 
 
+@pytest.mark.parametrize('head, cited, not_cited', [
+    ({'meta_layer': 'isice'}, ['Learning Partial Correlation', 'Is Second-order'],
+     ['Understanding Matrix Function Normalizations', 'Iterative Matrix']),
+    ({'riemannian': 'chol_tmlr'}, ['Understanding Matrix Function Normalizations', 'Iterative Matrix'],
+     ['Learning Partial Correlation']),
+    ({'riemannian': 'pow_emlr'}, ['Iterative Matrix'], ['Understanding Matrix Function Normalizations']),
+])
+def test_isice_and_riemgcp_are_cited_when_used(head, cited, not_cited):
+    card = '\n'.join(citations(timm.create_model('gcp_resnet18', gcp_dim=8, num_classes=3, **head)))
+    assert all(title in card for title in cited) and not any(title in card for title in not_cited)
+
+
 def test_a_registered_meta_layer_brings_its_papers_to_the_card():
     @register_meta_layer('cited_identity')
     class CitedIdentity(MetaLayer):
@@ -244,7 +263,7 @@ def test_export_has_the_users_normal_permissions(gcp_model, tmp_path, umask):
         os.umask(previous)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
-        name: 0o666 & ~umask for name in ('README.md', 'config.json', 'model.safetensors')}
+        name: 0o666 & ~umask for name in ('README.md', 'config.json', 'model.safetensors', 'timm_gcp_manifest.json')}
 
 
 def test_export_refuses_non_finite_weights_and_leaves_the_old_export(tmp_path):
@@ -296,3 +315,29 @@ def test_export_with_a_root_login_keeps_the_word_root(gcp_model, tmp_path, monke
     out = export_model(gcp_model, tmp_path / 'model', label_names=['root', 'stem', 'leaf'],
                        command='python train.py --data-dir plant-parts')
     assert 'root' in (out / 'config.json').read_text()
+
+
+def test_what_an_interrupted_export_left_is_removed_by_the_next(gcp_model, tmp_path):
+    """Issue 21, fault 6: a SIGKILL during an export left `.model.tmp-*` (the new export, written part-way) and
+    `.model.old-*/export` (the earlier export, moved aside) beside the folder, and a later export kept them."""
+    out = export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'c'], metrics={'top1': 1.0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / '.model.tmp-k1ll3d').mkdir()
+    (tmp_path / '.model.tmp-k1ll3d' / 'model.safetensors').write_bytes(bytes(1000))
+    (tmp_path / '.model.old-k1ll3d').mkdir()
+    os.replace(out, tmp_path / '.model.old-k1ll3d' / 'export')  # killed between the two renames: no model/ now
+    (tmp_path / '.other.tmp-keep').mkdir()                       # another folder's staging is not ours to remove
+    remove_staging(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export is back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.other.tmp-keep', 'model']
+    (tmp_path / '.model.tmp-again').mkdir()
+    (tmp_path / '.model.old-again').mkdir()
+    export_model(gcp_model, out, label_names=['a', 'b', 'c'], metrics={'top1': 2.0})  # an export cleans up first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.other.tmp-keep', 'model']
+
+
+def test_export_refuses_label_names_that_are_not_utf8(gcp_model, tmp_path):
+    """Issue 21, fault 10: a class folder named in another encoding reaches Python as a lone surrogate."""
+    with pytest.raises(ValueError, match=r"label_names holds 'dais\\udcff', which is not valid UTF-8 text"):
+        export_model(gcp_model, tmp_path / 'model', label_names=['a', 'b', 'dais\udcff'])
+    assert not (tmp_path / 'model').exists()

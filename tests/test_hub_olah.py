@@ -17,6 +17,7 @@ import torch
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
+from timm_gcp.hub.export import EXPORT_FILES
 from timm_gcp.hub.push import MANIFEST_NAME, build_manifest
 from timm_gcp.hub.verify import verify_repo
 from hub_server import point_client_at
@@ -33,7 +34,7 @@ def _free_port() -> int:
 def _git_repo_of_export(export: Path, repo: Path) -> None:
     """The export as a Hub-style git repo: manifest beside the files, weights as an LFS pointer + object."""
     repo.mkdir(parents=True)
-    files = {p.name: p for p in export.iterdir()}
+    files = {name: export / name for name in EXPORT_FILES}  # push uploads these, with a manifest of its own
     for name, path in files.items():
         shutil.copy(path, repo / name)
     (repo / MANIFEST_NAME).write_bytes(build_manifest(files))

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import timm_gcp  # noqa: F401  registers the GCP models
 from timm_gcp.hub import export_model
+from timm_gcp.hub.export import record_manifest
 from timm_gcp.hub.cli import redact_token
+from timm_gcp.hub.manifest import build_manifest
 from timm_gcp.hub.push import file_digest, push_model, with_retries
 from timm_gcp.hub.verify import VerificationError, verify_folder, verify_repo
-from hub_server import HubServer, serve_patched
+from hub_server import HubServer, point_client_at, serve_patched
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_test_Zx81secretTOKEN'
@@ -310,7 +313,7 @@ def test_verify_a_local_export_folder(model, exported, image_folder):
                  data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
     report = verify_folder(exported, data_dir=image_folder, tolerance=0.01)
     assert report.commit is None and report.measured['top1'] == pytest.approx(accuracy)
-    assert report.sha256 == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in exported.iterdir()}
+    assert report.sha256 == {name: hashlib.sha256((exported / name).read_bytes()).hexdigest() for name in EXPORTED}
 
     export_model(model, exported, label_names=LABELS, metrics={'top1': accuracy + 20, 'top5': 100.0},
                  data_config={'input_size': (3, 64, 64), 'crop_pct': 1.0})
@@ -318,12 +321,95 @@ def test_verify_a_local_export_folder(model, exported, image_folder):
         verify_folder(exported, data_dir=image_folder)
     weights = load_file(str(exported / 'model.safetensors'))
     save_file({**weights, 'extra.weight': torch.zeros(2)}, str(exported / 'model.safetensors'))
+    _record_manifest(exported)  # past the sha256 check: the checks behind it still hold
     with pytest.raises(VerificationError, match=r'local-dir:.* does not load with timm: .*extra\.weight'):
         verify_folder(exported)
     weights['conv1.weight'][0] = float('inf')
     save_file(weights, str(exported / 'model.safetensors'))
+    _record_manifest(exported)
     with pytest.raises(VerificationError, match='1 non-finite tensors'):
         verify_folder(exported)
+
+
+EXPORTED = ('model.safetensors', 'config.json', 'README.md')
+
+
+def _record_manifest(folder: Path) -> None:
+    """Record the folder's files in its manifest again, as whoever changed them could (without timm_gcp)."""
+    (folder / 'timm_gcp_manifest.json').write_bytes(build_manifest({name: folder / name for name in EXPORTED}))
+
+
+def test_verify_names_a_file_changed_since_the_export(exported, tmp_path):
+    """Issue 21, fault 7: one flipped byte inside model.safetensors passed `timm-gcp verify DIR` ("fit to
+    publish"): nothing recorded at export time to check it against."""
+    verify_folder(exported)
+    weights = bytearray((exported / 'model.safetensors').read_bytes())
+    weights[-1] ^= 1  # inside the last tensor's data: still a valid file, and loading it reproduces it exactly
+    (exported / 'model.safetensors').write_bytes(bytes(weights))
+    changed = rf'{re.escape(str(exported / "model.safetensors"))} differs from the export: sha256 [0-9a-f]{{64}} ' \
+              rf'\({len(weights)} B\), recorded [0-9a-f]{{64}} \({len(weights)} B\) in timm_gcp_manifest.json'
+    with pytest.raises(VerificationError, match=changed):
+        verify_folder(exported)
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf_home')}
+    proc = subprocess.run([sys.executable, 'hub/verify.py', str(exported)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ''
+    assert re.fullmatch(f'timm-gcp verify: VerificationError: {changed}\n', proc.stderr), proc.stderr
+    (exported / 'model.safetensors').unlink()
+    with pytest.raises(VerificationError, match=r'model.safetensors differs from the export: missing, recorded'):
+        verify_folder(exported)
+    (exported / 'README.md').write_text((exported / 'README.md').read_text() + '\nedited\n')  # a card edited after
+    with pytest.raises(VerificationError, match=r'README.md differs from the export: sha256'):   # export is named too
+        verify_folder(exported)
+    (exported / 'timm_gcp_manifest.json').unlink()
+    with pytest.raises(VerificationError, match=r'has no timm_gcp_manifest.json: .* export the model again'):
+        verify_folder(exported)
+
+
+def test_a_card_changed_on_purpose_is_recorded_again(exported):
+    (exported / 'README.md').write_text((exported / 'README.md').read_text() + '\n## Robustness\n\nmeasured later\n')
+    with pytest.raises(VerificationError, match='README.md differs from the export'):
+        verify_folder(exported)
+    record_manifest(exported)  # what a tool that edits the card (e.g. adding measured results) does after
+    assert verify_folder(exported).sha256['README.md'] == file_digest(exported / 'README.md')[0]
+
+
+def test_verify_refuses_label_names_that_are_not_utf8(exported):
+    """Issue 21, fault 10: config.json with the label 'dais\\udcff' (JSON's escape of a lone surrogate) passed."""
+    config = json.loads((exported / 'config.json').read_text())
+    (exported / 'config.json').write_text(json.dumps({**config, 'label_names': ['cat', 'dog', 'dais\udcff']}))
+    _record_manifest(exported)
+    with pytest.raises(VerificationError, match=r"label_names holds 'dais\\udcff', which is not valid UTF-8 text"):
+        verify_folder(exported)
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]  # closed again: connections to it are refused
+
+
+def test_an_unreachable_endpoint_is_named_with_the_time_spent(exported, tmp_path, monkeypatch, caplog):
+    """Issue 21, fault 11: `timm-gcp push` to an unreachable endpoint retried for 36.6 s and its error did not name
+    the endpoint. Now the first retry says how long retrying may take and the error names the endpoint."""
+    endpoint = f'http://127.0.0.1:{_unused_port()}'
+    point_client_at(monkeypatch, endpoint, tmp_path / 'hf_cache')
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    with caplog.at_level(logging.WARNING, logger='timm_gcp.hub.push'):
+        with pytest.raises(ConnectionError, match=rf'^create_repo at {endpoint}: no connection after 3 attempt\(s\) '
+                                                  rf'over [\d.]+ s \(ConnectError: .*\); check the network and '
+                                                  rf'HF_ENDPOINT \(--max-retries, --retry-delay set the retries\)$'):
+            push_model(exported, 'org/x', max_retries=2, retry_delay=0.01)
+    assert [r.getMessage() for r in caplog.records] == [
+        f'create_repo at {endpoint}: transient error (ConnectError); retry 1/2 in 0.0s (at most 0.03 s of retries '
+        'in all)', f'create_repo at {endpoint}: transient error (ConnectError); retry 2/2 in 0.0s']
+    env = {**os.environ, 'HF_ENDPOINT': endpoint, 'HF_TOKEN': TOKEN, 'HF_HOME': str(tmp_path / 'hf_home')}
+    env.pop('HF_HUB_OFFLINE', None)
+    proc = subprocess.run([str(Path(sys.executable).parent / 'timm-gcp'), 'push', str(exported), '--repo-id', 'org/x',
+                           '--max-retries', '0'], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ''
+    assert proc.stderr.startswith(f'timm-gcp push: ConnectionError: create_repo at {endpoint}: no connection after '
+                                  f'1 attempt(s) over ') and proc.stderr.count('\n') == 1, proc.stderr
 
 
 def test_cli_verifies_a_folder(model, exported, tmp_path, image_folder):

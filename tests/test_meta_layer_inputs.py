@@ -38,6 +38,9 @@ BAD_OPTIONS = [
     ('eig', 'float64', [0, 'no']),
     ('svd_pi', 'float64', [1]),
     ('eig', 'eigh_backend', [3, None, 'magma']),
+    ('isice', 'lam', [-0.01, 0, 1e-4, 1.5, float('nan'), float('inf'), True, '0.01']),
+    ('isice', 'steps', [0, 101, 10 ** 9, 5.0, True]),
+    ('isice', 'lr', [0, -1.0, 100.5, float('inf'), False]),
 ]
 
 
@@ -52,7 +55,8 @@ def test_out_of_range_options_raise_one_clear_error(name, option, values):
     ('isqrt', {'num_iter': 1}), ('isqrt', {'num_iter': 100}), ('mpa_lya', {'lya_iter': 100}),
     ('mtp_lya', {'degree': 100, 'lya_iter': 1}), ('svd_taylor', {'degree': 0}), ('svd_taylor', {'degree': 1000}),
     ('svd_pi', {'num_iter': 1000}), ('svd_trunc', {'clip': 1e30}), ('eig', {'alpha': 2, 'eps': 0}),
-    ('eig', {'alpha': 1e-3, 'eps': 1}),
+    ('eig', {'alpha': 1e-3, 'eps': 1}), ('isice', {'lam': 1e-3, 'steps': 1, 'lr': 100}),
+    ('isice', {'lam': 1, 'steps': 100, 'lr': 1e-6}),
 ])
 def test_range_limits_are_accepted(name, kwargs):
     layer = timm_gcp.create_meta_layer(name, **kwargs)

@@ -17,7 +17,7 @@ from timm_gcp.meta_layers.spectral import (
 
 from reference_isqrt import reference_newton_schulz_sqrt
 
-ALL_METHODS = ['cov', 'eig', 'isqrt', 'mpa_lya', 'mtp_lya', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']
+ALL_METHODS = ['cov', 'eig', 'isice', 'isqrt', 'mpa_lya', 'mtp_lya', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']
 EXACT_METHODS = ['eig', 'svd_pade', 'svd_pi', 'svd_taylor', 'svd_trunc']
 
 
@@ -81,6 +81,7 @@ def test_wrong_rank_or_non_square_input_names_expected_shape(name, shape):
 @pytest.mark.parametrize('name, kwargs', [
     ('eig', {'alpha': 0}), ('eig', {'eps': -1.0}), ('svd_taylor', {'degree': -1}), ('svd_pi', {'num_iter': 0}),
     ('svd_trunc', {'clip': 0}), ('mpa_lya', {'lya_iter': 0}), ('mtp_lya', {'degree': 0}), ('isqrt', {'num_iter': 0}),
+    ('isice', {'lam': -0.01}), ('isice', {'steps': 1000}),
 ])
 def test_bad_options_are_rejected(name, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):

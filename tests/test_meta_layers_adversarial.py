@@ -1,4 +1,5 @@
-"""Every meta-layer, forward and backward, on spectra that break naive implementations: no NaN or Inf anywhere.
+"""Every meta-layer and RiemGCP map, forward and backward, on spectra that break naive implementations: no NaN or Inf
+anywhere.
 
 The test id names the method and the case, e.g. `test_finite_forward_and_backward[svd_pade-all_zero_maps]`.
 """
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import timm_gcp
+from timm_gcp.layers import RIEMANNIAN_MAPS, RiemannianMap
 
 METHODS = timm_gcp.list_meta_layers()
 
@@ -44,20 +46,36 @@ CASES: Dict[str, Case] = {
 }
 
 
-@pytest.mark.parametrize('case', list(CASES))
-@pytest.mark.parametrize('method', METHODS)
-def test_finite_forward_and_backward(method, case):
+def run_case(case: str, layer: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`layer` on the covariances of `case`, forward and backward: (its output, the gradient of the leaf)."""
     leaf, to_covariance, autocast_dtype = CASES[case]()
     leaf.requires_grad_()
-    layer = timm_gcp.create_meta_layer(method)
     with torch.autocast('cpu', dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         cov = to_covariance(leaf)
         out = layer(cov)
         loss = (timm_gcp.triu_vec(out) * torch.randn(out.shape[0], out.shape[1] * (out.shape[1] + 1) // 2)).sum()
     loss.backward()
+    return out, leaf.grad
+
+
+@pytest.mark.parametrize('case', list(CASES))
+@pytest.mark.parametrize('method', METHODS)
+def test_finite_forward_and_backward(method, case):
+    out, grad = run_case(case, timm_gcp.create_meta_layer(method))
     assert out.dtype == torch.float32, f'{method} on {case}: output dtype {out.dtype}'
     assert torch.isfinite(out).all(), f'{method} on {case}: non-finite output'
-    assert torch.isfinite(leaf.grad).all(), f'{method} on {case}: non-finite gradient'
+    assert torch.isfinite(grad).all(), f'{method} on {case}: non-finite gradient'
+
+
+@pytest.mark.parametrize('case', list(CASES))
+@pytest.mark.parametrize('name', [m for m in RIEMANNIAN_MAPS if m != 'pow_emlr'])
+def test_riemannian_maps_finite_forward_and_backward(name, case):
+    """RiemGCP's maps on the iSQRT root of the same spectra (`timm_gcp.layers.RiemannianMap`)."""
+    root, riemannian_map = timm_gcp.create_meta_layer('isqrt'), RiemannianMap(name)
+    out, grad = run_case(case, lambda cov: riemannian_map(root(cov), root.power))
+    assert out.dtype == torch.float32, f'{name} on {case}: output dtype {out.dtype}'
+    assert torch.isfinite(out).all(), f'{name} on {case}: non-finite output'
+    assert torch.isfinite(grad).all(), f'{name} on {case}: non-finite gradient'
 
 
 @pytest.mark.parametrize('method', METHODS)
@@ -71,11 +89,22 @@ def test_square_root_layers_stay_close_on_low_precision_input(method):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('method', [m for m in METHODS if m != 'cov'])
+@pytest.mark.parametrize('method', [m for m in METHODS if timm_gcp.create_meta_layer(m).power is not None])
 def test_zero_covariance_maps_to_zero(method):
-    """The square root of the all-zero covariance is (numerically) zero, not NaN nor the eps floor blown up."""
+    """The matrix power of the all-zero covariance is (numerically) zero, not NaN nor the eps floor blown up."""
     out = timm_gcp.create_meta_layer(method)(torch.zeros(1, 8, 8))
     assert out.abs().max() < 1e-9, f'{method}: {out.abs().max()}'
+
+
+def test_sparse_inverse_of_the_zero_covariance_is_finite():
+    """iSICE's inverse has no zero limit: with the trace floored at tiny^¼, P = I/λ (the graphical lasso solution for
+    C = 0) divided by that floor, finite, and so is its gradient."""
+    leaf = torch.zeros(1, 8, 8, requires_grad=True)
+    out = timm_gcp.create_meta_layer('isice', lam=0.01)(leaf)
+    floor = torch.finfo(torch.float32).tiny ** 0.25
+    torch.testing.assert_close(out, torch.eye(8)[None] / (0.01 * floor))
+    out.backward(torch.randn(1, 8, 8))
+    assert torch.isfinite(leaf.grad).all()
 
 
 @pytest.mark.parametrize('method', METHODS)

@@ -312,7 +312,7 @@ def test_set_meta_layer_and_model_args():
     model = timm.create_model('gcp_resnet18', num_classes=NUM_CLASSES, gcp_dim=GCP_DIM).eval()
     assert model.gcp_model_args() == dict(
         num_classes=NUM_CLASSES, in_chans=3, global_pool='gcp', gcp_dim=GCP_DIM, meta_layer='isqrt',
-        meta_layer_kwargs={}, layer4_stride=1, dropcov=False, gaussian=False, progressive_widths=None,
+        meta_layer_kwargs={}, layer4_stride=1, dropcov=False, riemannian='pow_emlr', gaussian=False, progressive_widths=None,
         compress_dim=None, group_conv=None, invariance=None, invariance_mode='train')
     model.set_meta_layer('isqrt', num_iter=2)
     assert model.global_pool.meta_layer.num_iter == 2 and not model.global_pool.meta_layer.training

@@ -86,12 +86,41 @@ def test_local_dir_round_trip(trained_gcp_resnet18, images, tmp_path):
         assert torch.equal(reloaded(images), trained_gcp_resnet18(images))  # bit-identical
 
 
+@pytest.mark.parametrize('head', [
+    {'meta_layer': 'isice', 'meta_layer_kwargs': {'lam': 0.05, 'steps': 3}},
+    {'riemannian': 'chol_tmlr'},
+    {'meta_layer': 'eig', 'meta_layer_kwargs': {'alpha': 0.4}, 'riemannian': 'log_emlr'},
+], ids=['isice', 'chol_tmlr', 'eig-log_emlr'])
+def test_head_options_round_trip(head, images, tmp_path):
+    """config.json carries the meta-layer's and the head's options: the reload computes the same function."""
+    model = timm.create_model('gcp_resnet18', num_classes=4, gcp_dim=GCP_DIM, **head).eval()
+    directory = export(model, tmp_path / 'export')
+    config = json.loads((directory / 'config.json').read_text())['model_args']
+    assert {k: config[k] for k in head} == head
+    reloaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
+    assert reloaded.gcp_model_args() == model.gcp_model_args()
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+
+
 def test_gsop_net1_round_trip(images, tmp_path):
     model = timm.create_model('gsop_resnet50', gsop_net=1, num_classes=5).eval()
     directory = export(model, tmp_path / 'gsop')
     reloaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
     assert reloaded.gcp_model_args() == model.gcp_model_args()
     assert reloaded.global_pool.pool_type == 'avg' and reloaded.gsop_net == 1
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+
+
+def test_gap_pooled_gcp_resnet_round_trip(images, tmp_path, caplog):
+    """With global_pool='avg' the checkpoint has a plain ResNet's keys: loaded from its folder it is still the
+    model's own, classifier included (not a backbone with a fresh fc)."""
+    model = timm.create_model('gcp_resnet18', num_classes=3, global_pool='avg').eval()
+    with caplog.at_level(logging.WARNING):
+        reloaded = timm.create_model(f'local-dir:{export(model, tmp_path / "gap")}', pretrained=True).eval()
+    assert not caplog.records
+    assert_same_weights(reloaded, model)
     with torch.no_grad():
         assert torch.equal(reloaded(images), model(images))
 

@@ -199,3 +199,22 @@ def test_load_backbone_weights_of_any_family(online):
     new_keys = timm_gcp.load_backbone_weights(model, 'test_vit.r160_in1k')  # the same loading as pretrained=True
     assert new_keys and all(k.startswith(('global_pool.', 'fc.')) for k in new_keys)
     assert torch.equal(model.backbone.blocks[2].mlp.fc1.weight, served['test_vit.r160_in1k']['blocks.2.mlp.fc1.weight'])
+
+
+@pytest.mark.parametrize('head', [{'meta_layer': 'isice'}, {'riemannian': 'chol_tmlr'}], ids=['isice', 'chol_tmlr'])
+def test_pretrained_backbone_with_a_new_head_method(head, online):
+    """`timm.create_model('gcp_resnet50.a1_in1k', pretrained=True, num_classes=200, meta_layer='isice')`, on the
+    served ResNet-18: timm's backbone weights, the chosen head, 200 classes."""
+    _, served = online
+    model = timm.create_model('gcp_resnet18.a1_in1k', pretrained=True, num_classes=200, gcp_dim=GCP_DIM, **head)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in served['resnet18.a1_in1k'].items() if not k.startswith('fc.'))
+    assert model.fc.out_features == 200 and all(model.gcp_model_args()[k] == v for k, v in head.items())
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(images())).all()
+
+
+def test_the_published_tag_builds_with_a_new_head_method():
+    model = timm.create_model('gcp_resnet50.a1_in1k', pretrained=False, num_classes=200, meta_layer='isice',
+                              gcp_dim=GCP_DIM)
+    assert model.pretrained_cfg['hf_hub_id'] == 'timm/resnet50.a1_in1k' and model.global_pool.meta_layer_name == 'isice'

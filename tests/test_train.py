@@ -165,6 +165,19 @@ def test_hybrid_switch_survives_resume(run_train, tiny_pets, tmp_path):
         'test_halved_isqrt'
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('head', ['meta_layer=isice', 'riemannian=chol_tmlr'])
+def test_one_epoch_with_isice_or_a_riemannian_map(run_train, tiny_pets, tmp_path, head):
+    out = tmp_path / 'run'
+    result = run_train(*TINY, '--model-kwargs', 'gcp_dim=8', head, '--data-dir', tiny_pets, '--epochs', '1',
+                       '--output', out)
+    key, value = head.split('=')
+    assert getattr(result['model'].global_pool, key if key != 'meta_layer' else 'meta_layer_name') == value
+    row = json.loads((out / 'metrics.json').read_text())['history'][0]
+    assert row['train_images'] == 24 and torch.isfinite(torch.tensor(row['train_loss']))
+    assert json.loads((out / 'model' / 'config.json').read_text())['model_args'][key] == value
+
+
 def test_errors_before_any_work(run_train, tiny_pets, tmp_path):
     base = [*TINY, '--epochs', '1']
     with pytest.raises(FileNotFoundError, match='does not exist'):
@@ -185,7 +198,10 @@ def test_errors_before_any_work(run_train, tiny_pets, tmp_path):
         run_train(*base, '--data-dir', tiny_pets, '--img-size', '8', '--output', tmp_path / 'r6')
     with pytest.raises(CheckpointError, match='no checkpoint found'):
         run_train(*base, '--data-dir', tiny_pets, '--resume', tmp_path / 'r5')
-    assert not any((tmp_path / f'r{i}').exists() for i in range(7))  # failed runs leave no run folder behind
+    with pytest.raises(ValueError, match="--switch-meta-layer isice: riemannian='pow_tmlr' .* no matrix power"):
+        run_train(*base, '--data-dir', tiny_pets, '--model-kwargs', 'gcp_dim=8', 'riemannian=pow_tmlr',
+                  '--switch-meta-layer', 'isice@1', '--output', tmp_path / 'r7')
+    assert not any((tmp_path / f'r{i}').exists() for i in range(8))  # failed runs leave no run folder behind
 
 
 def _start(args, cwd=ROOT, launcher=(sys.executable,)):

@@ -38,7 +38,8 @@ def _lr_per_epoch(args):
 
 def test_every_recipe_loads_with_known_flags():
     names = list_recipes()
-    assert {'finegrained_448', 'imagenet_65ep', 'imagenet_50ep_lradju', DEFAULT_RECIPE} <= set(names)
+    assert {'finegrained_448', 'imagenet_65ep', 'imagenet_50ep_lradju', 'imagenet_30ep_lrfast', 'imagenet_100ep_lrnorm',
+            DEFAULT_RECIPE} <= set(names)
     for name in names:
         args = parse_config(['--recipe', name])
         assert timm.is_model(args.model), name
@@ -75,6 +76,20 @@ def test_lradju_poly_schedule_matches_formula():
     lrs = _lr_per_epoch(args)
     expected = [0.1 * (1 - (e - 1) / 49) ** 2 for e in range(1, 51)]
     assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_lrfast_poly_schedule_matches_formula():
+    """CVPR'20 LRfast: power 11 over 52 epochs, training stopped after 30 (timm's poly stretched by cooldown -22)."""
+    args = parse_config(['--recipe', 'imagenet_30ep_lrfast'])
+    lrs = _lr_per_epoch(args)
+    assert len(lrs) == 30
+    assert lrs == pytest.approx([0.1 * (1 - (e - 1) / 52) ** 11 for e in range(1, 31)], abs=1e-12)
+
+
+def test_lrnorm_steps_every_30_epochs():
+    """CVPR'20 LRnorm: 0.1, x0.1 every 30 epochs, 100 epochs."""
+    lrs = _lr_per_epoch(parse_config(['--recipe', 'imagenet_100ep_lrnorm']))
+    assert lrs == pytest.approx([0.1 * 0.1 ** ((e - 1) // 30) for e in range(1, 101)], rel=1e-12)
 
 
 def test_precedence_cli_over_config_over_recipe(tmp_path):

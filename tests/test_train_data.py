@@ -1,6 +1,8 @@
 """Training data: folder checks, RGB conversion, unreadable images (decompression bombs and the pixel limit too),
 per-sample augmentation seeds, HF datasets."""
 import logging
+import os
+import re
 import shutil
 import struct
 import zlib
@@ -197,3 +199,43 @@ def test_hf_dataset_local_parquet_folder_through_the_cache(tmp_path, monkeypatch
     assert any(cache.rglob('*.arrow'))                               # prepared into --data-dir, the datasets cache
     data.train.transform = create_transform(8)
     assert [data.train[i][1] for i in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_symlink_loop_in_the_data_is_refused_with_its_path(tmp_path):
+    """Issue 21, fault 5: `train/a/loop -> ..` made timm's scan (os.walk following links) count every image again at
+    each of ~40 levels; links to folders elsewhere still count once."""
+    root = _make_folder(tmp_path / 'data')
+    (root / 'train' / 'a' / 'loop').symlink_to('..')
+    with pytest.raises(ValueError, match=rf"symlink loop in the data: {root / 'train' / 'a' / 'loop'} points to "
+                                         rf"{root / 'train'}, which holds it"):
+        create_datasets(str(root))
+    (root / 'train' / 'a' / 'loop').unlink()
+    (root / 'train' / 'a' / 'up').symlink_to('../../..')              # above the split folder: a loop as well
+    with pytest.raises(ValueError, match=r'train/a/up points to'):
+        create_datasets(str(root))
+    (root / 'train' / 'a' / 'up').unlink()
+    (root / 'train' / 'a' / 'x').symlink_to('../b')                    # a and b linked into each other
+    (root / 'train' / 'b' / 'y').symlink_to('../a')
+    with pytest.raises(ValueError, match=r'symlink loop in the data: .*/train/a/x/y points to'):
+        create_datasets(str(root))
+    for link in ('a/x', 'b/y'):
+        (root / 'train' / link).unlink()
+    elsewhere = _make_folder(tmp_path / 'more', classes=('c',), per_class=2)
+    (root / 'train' / 'c').symlink_to(elsewhere / 'train' / 'c', target_is_directory=True)  # a linked class folder
+    (root / 'val' / 'c').symlink_to(elsewhere / 'val' / 'c', target_is_directory=True)
+    data = create_datasets(str(root))
+    assert data.class_names == ['a', 'b', 'c'] and len(data.train) == 8
+
+
+def test_a_class_folder_not_named_in_utf8_is_refused_with_its_bytes(tmp_path):
+    """Issue 21, fault 10: a folder named b'dais\\xff' became the label 'dais\\udcff' (a lone surrogate)."""
+    root = _make_folder(tmp_path / 'data', classes=('a',))
+    for split in ('train', 'val'):
+        try:
+            os.mkdir(os.fsencode(root / split) + b'/dais\xff')
+        except OSError as err:  # e.g. a file system that stores names as Unicode
+            pytest.skip(f'this file system refuses a name that is not UTF-8: {err}')
+        shutil.copy(root / split / 'a' / '0.png', os.fsdecode(os.fsencode(root / split) + b'/dais\xff/0.png'))
+    with pytest.raises(ValueError, match=re.escape(rf"class folder name b'dais\xff' in {root / 'train'} is not "
+                                                   r'valid UTF-8')):
+        create_datasets(str(root))

@@ -55,7 +55,7 @@ def test_eval_dataset_takes_the_models_class_order_and_flags_unreadable_images(t
                                                                          ('b', 1)]
     assert sum(flag for _, _, flag in samples) == 1
     assert create_eval_dataset(tmp_path / 'val').class_names == ['a', 'b']  # a split folder itself; sorted default
-    with pytest.raises(ValueError, match=r"classes the model does not know: \['a'\]"):
+    with pytest.raises(ValueError, match=r"classes the model does not know: a$"):
         create_eval_dataset(tmp_path, label_names=['b'])
 
 

@@ -1,8 +1,11 @@
 """train.py under faults and hostile inputs: planted pickles, a locked run folder, divergence, resume with changed
 flags, published files without local paths, one clear message and exit code per kind of user error."""
+import errno
 import json
 import os
 import pickle
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -148,7 +151,8 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused_on_every_process(tmp_pat
     with own_run_dir(OneProcess(), run_dir, resuming=True):             # --resume: continued, not refused
         pass
     assert sorted(p.name for p in run_dir.iterdir()) == ['.run.lock', 'checkpoints']
-    monkeypatch.setattr(run_lock, 'broadcast_object_list', lambda objects: ['refused by the main process'])
+    monkeypatch.setattr(run_lock, 'broadcast_object_list',
+                        lambda objects: [OutputInUse('refused by the main process')])
     with pytest.raises(OutputInUse, match='refused by the main process'):  # the main process's verdict
         with own_run_dir(SecondOfTwo(), run_dir, resuming=True):
             pass
@@ -321,3 +325,288 @@ def test_the_demo_publishes_its_data_set_name_and_no_checkout_path(train_script,
     assert pretrained_cfg['tag'] == 'pets_mini' and ' on pets-mini (37 classes)' in pretrained_cfg['description']
     for path in model_dir.iterdir():
         assert b'my-checkout-Zq9x' not in path.read_bytes(), path.name
+
+
+# ---- issue 21: a fault-injection pass (tiny runs; a user whose machine, disk and fingers misbehave) ----------------
+EXIT_OUTPUT_UNWRITABLE = 8  # as docs/training.md documents it
+
+
+def _one_error_line(err: str) -> str:
+    assert err.startswith('train.py: error: ') and err.count('\n') == 1 and 'Traceback' not in err, err
+    return err[len('train.py: error: '):-1]
+
+
+@pytest.fixture(scope='module')
+def finished_twice(train_script, tiny_pets, tmp_path_factory) -> Path:  # noqa: F811
+    """A finished 2-epoch run: checkpoints at the end of epoch 0 (u6-e1) and epoch 1 (u12-e2), and its export."""
+    out = tmp_path_factory.mktemp('twice') / 'run'
+    in_process(train_script.main, [*TINY, '--data-dir', tiny_pets, '--epochs', '2', '--output', out])
+    return out
+
+
+EDITS = {'epoch 1': 1, 'epoch -1': -1, 'epoch "x"': 'x', 'broken JSON': None}
+
+
+@pytest.mark.slow
+def test_an_edited_trainer_state_is_exit_4_or_the_older_checkpoint(train_script, finished_twice, tiny_pets,  # noqa
+                                                                    tmp_path, capsys):
+    """Fault 1: with "epoch": 1 in the last checkpoint of a finished run, --resume re-trained epoch 1 on the finished
+    weights and exited 0; -1 trained at lr -1; "x" was a TypeError traceback. Each edit is now refused by name (exit
+    4), and the run folder resumes from the older intact checkpoint."""
+    run = _copy(finished_twice, tmp_path)
+    older, latest = sorted((run / 'checkpoints').glob('checkpoint-*'))
+    state_file = latest / 'trainer_state.json'
+    original = state_file.read_text()
+    args = [*TINY, '--data-dir', tiny_pets, '--epochs', '2']
+    for edit, value in EDITS.items():
+        state = json.loads(original)
+        state_file.write_text(original.rstrip()[:-1] if value is None else json.dumps({**state, 'epoch': value}))
+        assert in_process(train_script.cli, [*args, '--resume', latest]) == EXIT_CHECKPOINT, edit
+        message = _one_error_line(capsys.readouterr().err)
+        assert f'{state_file} is not a valid trainer state: ' in message, message
+    state_file.write_text(json.dumps({**json.loads(original), 'epoch': 1}))
+    assert in_process(train_script.cli, [*args, '--resume', run]) == 0
+    printed = capsys.readouterr().out
+    assert f'skipping checkpoint {latest}: {state_file} is not a valid trainer state: its content does not match ' \
+           f'the SHA-256 it records (edited or damaged)' in printed
+    assert f'resuming from the older intact checkpoint {older}' in printed
+    metrics = json.loads((run / 'metrics.json').read_text())
+    assert [row['epoch'] for row in metrics['history']] == [0, 1]          # epoch 1 trained once, not twice
+    finished_metrics = json.loads((finished_twice / 'metrics.json').read_text())
+    assert metrics['final']['top1'] == finished_metrics['final']['top1']   # the same run, resumed exactly
+
+
+@pytest.mark.slow
+def test_printed_commands_run_when_pasted_into_a_shell(tmp_path):
+    """Fault 2: with --output under a path with spaces and non-ASCII characters, the printed resume command and
+    `timm-gcp push` command failed with exit 2 when pasted. Both now run through bash as printed."""
+    home = tmp_path / 'out dir' / 'rün ✓ 日本'
+    data = image_subset(BUNDLED_DATA, home / 'pets data', 3, 8, (2, 2, 1))
+    out = home / 'run 1'
+    env = {**SUBPROCESS_ENV, 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+           'HF_HOME': str(tmp_path / 'hf_home'), 'HF_HUB_OFFLINE': '1'}
+    env.pop('HF_TOKEN', None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *map(str, TINY), '--data-dir', data, '--epochs',
+                             '2', '--log-interval', '1', '--output', out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if ' update 2 ' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    last = proc.stdout.read().strip().splitlines()[-1]
+    assert proc.wait() == 128 + signal.SIGTERM
+    resume = last.split('continue with: ', 1)[1]
+    assert shlex.split(resume)[-2:] == ['--resume', str(out)]
+    refused = subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, TINY), '--data-dir', data,
+                              '--epochs', '2', '--output', out], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == EXIT_OUTPUT_IN_USE
+    hint = refused.stderr.split('continue it with ', 1)[1].split(', or choose')[0]
+    assert shlex.split(hint) == ['--resume', str(out)]
+    resumed = subprocess.run(['bash', '-c', resume], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert [row['epoch'] for row in json.loads((out / 'metrics.json').read_text())['history']] == [0, 1]
+    publish = resumed.stdout.strip().splitlines()[-1].split('publish it with: ', 1)[1]
+    assert shlex.split(publish) == ['timm-gcp', 'push', str(out / 'model'), '--repo-id', 'ORG/NAME']
+    pushed = subprocess.run(['bash', '-c', publish], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    # the folder was found and validated (push checks it before anything else); only the token is missing here
+    assert pushed.returncode == 1 and pushed.stderr == 'timm-gcp push: ValueError: no Hugging Face token: set ' \
+                                                       'HF_TOKEN or run `hf auth login`\n', pushed.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_last_good_checkpoint(train_script, finished,  # noqa
+                                                                                      tiny_pets, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Fault 3: a full disk while saving a checkpoint was a traceback (SafetensorError, or torch's "unexpected pos")
+    with no word of space or path, and the partial .tmp-checkpoint-* stayed on the full disk."""
+    from accelerate import Accelerator
+    run = _copy(finished, tmp_path)
+    good = sorted((run / 'checkpoints').glob('checkpoint-*'))[-1]
+    save_state = Accelerator.save_state
+
+    def full_disk(self, output_dir, **kwargs):
+        save_state(self, output_dir, **kwargs)                           # most of it written, then the disk is full
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(Accelerator, 'save_state', full_disk)
+    code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_pets, '--epochs', '2', '--checkpoint-interval',
+                                         '1', '--resume', run])
+    assert code == EXIT_OUTPUT_UNWRITABLE
+    message = _one_error_line(capsys.readouterr().err)
+    assert re.fullmatch(rf'cannot write {re.escape(str(run))}/checkpoints/\.tmp-checkpoint-u000000007-e0001: no space '
+                        rf'left on device \(ENOSPC\); [\d,.]+ MiB free there; the partial checkpoint is removed; last '
+                        rf'good checkpoint: {re.escape(str(good))}', message), message
+    assert [p.name for p in (run / 'checkpoints').iterdir()] == [good.name]  # removed at once, not at the next save
+
+
+def test_a_full_disk_while_exporting_is_one_line_and_leaves_no_staging_folder(train_script, finished,  # noqa: F811
+                                                                                tiny_pets, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Fault 3, the export: safetensors reports a full disk as a SafetensorError holding "(os error 28)"."""
+    from safetensors import SafetensorError
+    from timm_gcp.hub import export as export_module
+    run = _copy(finished, tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(export_module, 'save_for_hf', full_disk)
+    code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--resume', run])
+    assert code == EXIT_OUTPUT_UNWRITABLE
+    message = _one_error_line(capsys.readouterr().err)
+    assert re.fullmatch(rf'cannot write {re.escape(str(run))}: no space left on device \(ENOSPC\); [\d,.]+ MiB free '
+                        rf'there; last good checkpoint: .*/checkpoint-u000000006-e0001', message), message
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.model.')]
+
+
+@pytest.fixture
+def read_only_for_root_too(monkeypatch):
+    """Root ignores a folder's mode 555: refuse, as the kernel does for anyone else, to create a file or folder in a
+    folder nobody may write to (filelock's lock file and Path.mkdir go through os.open and os.mkdir)."""
+    if os.geteuid() != 0:
+        return
+    denied = lambda path: not os.stat(os.path.dirname(os.path.abspath(path))).st_mode & 0o222  # noqa: E731
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def checked_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and denied(path):
+            raise PermissionError(errno.EACCES, 'Permission denied', os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def checked_mkdir(path, *args, **kwargs):
+        if denied(path):
+            raise PermissionError(errno.EACCES, 'Permission denied', os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'open', checked_open)
+    monkeypatch.setattr(os, 'mkdir', checked_mkdir)
+
+
+def test_an_unwritable_output_is_one_line(train_script, tiny_pets, tmp_path, read_only_for_root_too,  # noqa: F811
+                                          capsys):
+    """Fault 4: --output under a folder of mode 555, or itself of mode 555, was an 18-line PermissionError
+    traceback (exit 1)."""
+    (tmp_path / 'locked').mkdir()
+    (tmp_path / 'locked-run').mkdir()
+    try:
+        for folder, failed in ((tmp_path / 'locked', tmp_path / 'locked' / 'run'),
+                               (tmp_path / 'locked-run', tmp_path / 'locked-run' / '.run.lock')):
+            folder.chmod(0o555)
+            out = folder / 'run' if folder.name == 'locked' else folder
+            code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--output', out])
+            assert code == EXIT_OUTPUT_UNWRITABLE
+            assert _one_error_line(capsys.readouterr().err) == (
+                f'cannot write {failed}: permission denied (EACCES); nothing was written; choose an --output you can '
+                f'write to')
+    finally:
+        for folder in ('locked', 'locked-run'):
+            (tmp_path / folder).chmod(0o755)
+    assert list((tmp_path / 'locked').iterdir()) == [] and list((tmp_path / 'locked-run').iterdir()) == []
+
+
+def test_a_resumed_run_removes_what_a_killed_export_left(train_script, finished, tiny_pets, tmp_path):  # noqa: F811
+    """Fault 6: after a SIGKILL during the export, `.model.tmp-*` and `.model.old-*/export` stayed after a later
+    resume and export (as the export writes them: a part-written new export, the earlier export moved aside)."""
+    run = _copy(finished, tmp_path)
+    (run / '.model.tmp-k1ll3d').mkdir()
+    (run / '.model.tmp-k1ll3d' / 'model.safetensors').write_bytes(bytes(1000))
+    shutil.copytree(finished / 'model', run / '.model.old-k1ll3d' / 'export')
+    in_process(train_script.main, [*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--resume', run])
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.model.')]
+    assert (run / 'model' / 'model.safetensors').is_file()
+
+
+def test_a_folder_holding_a_finished_run_without_checkpoints_is_refused(train_script, finished, tiny_pets,  # noqa
+                                                                          tmp_path, capsys):
+    """Fault 8: a folder with an export and metrics but no checkpoints/ was silently overwritten by a new run."""
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / 'checkpoints')
+    shutil.copytree(finished / 'model', run / 'model')
+    files = lambda: {p: p.read_bytes() for p in run.rglob('*') if p.is_file() and p.name != '.run.lock'}  # noqa
+    before = files()
+    code = in_process(train_script.cli, [*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--output', run])
+    assert code == EXIT_OUTPUT_IN_USE
+    assert _one_error_line(capsys.readouterr().err) == (
+        f'{run} already holds the results of a run (model/, metrics.json) and no checkpoint to continue it from: '
+        f'choose another --output, or remove them to start again there')
+    assert files() == before
+
+
+def test_results_a_new_run_would_overwrite_are_refused(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'metrics.json').write_text('{"history": []}')             # a run that failed before its first epoch
+    with own_run_dir(OneProcess(), run_dir, resuming=False):
+        pass
+    for name, text in (('metrics.json', '{"history": [{"epoch": 0}]}'), ('metrics.json', '{"hist'), ('model', None)):
+        (run_dir / name).mkdir() if text is None else (run_dir / name).write_text(text)
+        with pytest.raises(OutputInUse, match=r'already holds the results of a run \((model/, )?metrics.json\)'):
+            with own_run_dir(OneProcess(), run_dir, resuming=False):
+                pass
+    with own_run_dir(OneProcess(), run_dir, resuming=True):              # --resume: the run's own results
+        pass
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_evaluation_or_export_is_honoured(train_script, tiny_pets, tmp_path,  # noqa: F811
+                                                                      monkeypatch, capsys):
+    """Fault 9: a SIGTERM during the final evaluation or the export was ignored (exit 0). Now the evaluation ends,
+    the epoch's checkpoint is saved and the run exits 143 with the resume command; during the export the export is
+    abandoned whole (an earlier one stays) and the run exits 143; --resume then exports."""
+    from timm_gcp.hub import export as export_module
+    from timm_gcp.training import evaluate as evaluate_module
+    out = tmp_path / 'run'
+    args = [*TINY, '--data-dir', tiny_pets, '--epochs', '1', '--output', out]
+    evaluate, save_for_hf = evaluate_module.evaluate, export_module.save_for_hf
+
+    def evaluate_and_get_a_sigterm(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(evaluate_module, 'evaluate', evaluate_and_get_a_sigterm)
+    with pytest.raises(SystemExit) as info:
+        in_process(train_script.cli, args)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f'--resume {out}')
+    assert read_train_state(sorted((out / 'checkpoints').glob('checkpoint-*'))[-1]).epoch == 1  # the epoch is saved
+    assert not (out / 'model').exists()
+    monkeypatch.setattr(evaluate_module, 'evaluate', evaluate)
+
+    def weights_written_then_a_sigterm(*a, **kw):
+        save_for_hf(*a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export_module, 'save_for_hf', weights_written_then_a_sigterm)
+    assert in_process(train_script.cli, [*args, '--resume', out]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == 'train.py: interrupted\n'
+    assert not (out / 'model').exists() and not [p for p in out.iterdir() if p.name.startswith('.model.')]
+    monkeypatch.setattr(export_module, 'save_for_hf', save_for_hf)
+    assert in_process(train_script.cli, [*args, '--resume', out]) == 0
+    assert (out / 'model' / 'model.safetensors').is_file()
+
+
+def test_a_symlink_loop_or_a_class_name_not_in_utf8_is_one_line(train_script, tiny_pets, tmp_path,  # noqa: F811
+                                                                   capsys):
+    """Faults 5 and 10 through train.py: a symlink loop in the data (984 images read instead of 24) and a class folder
+    not named in UTF-8 (published as a lone surrogate) are data errors, exit 3, naming the path."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_pets, data)
+    daisy = sorted((data / 'train').iterdir())[0]
+    (daisy / 'loop').symlink_to('..')
+    assert in_process(train_script.cli, [*TINY, '--data-dir', data, '--epochs', '1',
+                                         '--output', tmp_path / 'run']) == EXIT_DATA
+    assert _one_error_line(capsys.readouterr().err).startswith(
+        f'symlink loop in the data: {daisy / "loop"} points to {data / "train"}, which holds it')
+    (daisy / 'loop').unlink()
+    for split in ('train', 'val'):
+        try:
+            os.rename(sorted((data / split).iterdir())[0], os.fsencode(data / split) + b'/dais\xff')
+        except OSError as err:
+            pytest.skip(f'this file system refuses a name that is not UTF-8: {err}')
+    assert in_process(train_script.cli, [*TINY, '--data-dir', data, '--epochs', '1',
+                                         '--output', tmp_path / 'run']) == EXIT_DATA
+    assert _one_error_line(capsys.readouterr().err).startswith(
+        f"class folder name b'dais\\xff' in {data / 'train'} is not valid UTF-8")
+    assert not (tmp_path / 'run').exists()

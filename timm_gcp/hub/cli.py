@@ -1,7 +1,8 @@
-"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify and convert models, and keep the README's
-model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
+"""The `timm-gcp` command (or `python hub/<command>.py`): publish, verify, convert and export (ONNX) models, and keep
+the README's model table. A failure ends in one line on stderr (the Hugging Face token masked) and exit status 1."""
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ from huggingface_hub import get_token
 
 from .catalogue import check_registry, load_catalogue, recorded_sha256, render_table, replace_table
 from .convert import SOURCES, convert_checkpoint
+from .onnx import export_onnx
 from .push import push_model
+from .robustness import CORRUPTIONS, check_conditions, evaluate_robustness, process_state, resolve_model
+from .robustness_report import display_name, fmt, update_card, write_robustness_report
 from .verify import verify_folder, verify_repo
 
 CATALOGUE = 'hub/catalogue.yaml'  # relative to the repository root, where the maintainer commands run
@@ -61,6 +65,45 @@ def _convert(args: argparse.Namespace) -> None:
           f'{model.num_classes} classes)')
 
 
+def _robustness(args: argparse.Namespace) -> None:
+    corruptions, severities = check_conditions(args.corruptions, args.severities)
+    folder = resolve_model(args.model, args.pretrained)[1]
+    if args.update_card and folder is None:
+        raise ValueError(f'--update-card needs a local export folder or train.py run folder, not {args.model}')
+    result = evaluate_robustness(args.model, args.data_dir, baseline=args.baseline, pretrained=args.pretrained,
+                                 corruptions=corruptions, severities=severities, seed=args.seed,
+                                 batch_size=args.batch_size, workers=args.workers, progress=args.progress)
+    if not process_state().is_main_process:
+        return
+    written = write_robustness_report(result, args.output)
+    for role, entry in result['results'].items():
+        summary = entry.get('normalized') or entry['unnormalized']
+        score = (f"mCE {fmt(summary['mce'])}, relative mCE {fmt(summary['relative_mce'])}" if summary['normalized']
+                 else f"mean corruption error {fmt(summary['mean_corruption_error'])}% (unnormalised: no --baseline)")
+        print(f"{role} {display_name(result[role])}: clean error {fmt(entry['errors']['clean'])}%, {score}")
+    print(f"{result['images']} images x {1 + len(corruptions) * len(severities)} conditions at "
+          f"{result['images_per_s']:.1f} images/s; wrote {', '.join(map(str, written))}")
+    if args.update_card:
+        print(f'updated {update_card(folder, result)}')
+
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, e.g. 1,3,5, got {text!r}') from None
+
+
+def _onnx(args: argparse.Namespace) -> None:
+    report = export_onnx(args.model, args.output, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         num_classes=args.num_classes, data_dir=args.data_dir, batch_size=args.batch_size,
+                         img_size=args.img_size, dynamo=args.dynamo, opset=args.opset, tolerance=args.tolerance)
+    sample = f'{report.images} images of {args.data_dir}' if report.images else 'random input'
+    print(f'wrote {report.path} ({args.model}, {report.exporter} exporter, dynamic batch)\n'
+          f'on {sample}: onnxruntime vs PyTorch max |difference| {report.onnx_difference:.1e}; export mode vs '
+          f'the exact model {report.export_mode_difference:.1e} (largest output {report.output_scale:.3g})')
+
+
 def _model_table(args: argparse.Namespace) -> None:
     entries = load_catalogue(args.catalogue)
     check_registry(entries)
@@ -72,7 +115,7 @@ def _model_table(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `timm-gcp` parser with its four subcommands."""
+    """The `timm-gcp` parser with its subcommands."""
     parser = argparse.ArgumentParser(prog='timm-gcp', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
@@ -112,6 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--meta-layer', help="override the source's meta-layer")
     p.add_argument('--layer4-stride', type=int, choices=(1, 2), help="override the source's stride")
     p.add_argument('--label-names', help='text file with one class name per line')
+
+    p = add('robustness', _robustness, 'corruption robustness (Hendrycks & Dietterich): error under the 15 ImageNet-C '
+                                       'corruptions x 5 severities of the validation images, CE/mCE against --baseline')
+    p.add_argument('model', metavar='MODEL', help='export folder, train.py run folder, hf-hub:ORG/NAME, local-dir:PATH or a timm name '
+                                 '(with --pretrained)')
+    p.add_argument('--data-dir', required=True, metavar='DATA',
+                   help='image folder: its val/ (or validation/) <class>/<image> files')
+    p.add_argument('--baseline', metavar='MODEL', help='model normalising CE and mCE (same forms as MODEL); without: unnormalised errors')
+    p.add_argument('--output', required=True, metavar='DIR', help='folder for robustness.json, robustness.md, robustness.png')
+    p.add_argument('--pretrained', action='store_true', help="load a timm name's published weights")
+    p.add_argument('--corruptions', type=lambda text: text.split(','),
+                   help=f'comma-separated subset (default: all): {", ".join(CORRUPTIONS)}')
+    p.add_argument('--severities', type=_int_list, help='comma-separated subset of 1-5 (default: all)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random corruptions (default: %(default)s)')
+    p.add_argument('-b', '--batch-size', type=int, default=64, help='(default: %(default)s)')
+    p.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
+                   help='DataLoader processes corrupting images in parallel (default: %(default)s)')
+    p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    p.add_argument('--update-card', action='store_true', help="add the numbers to the export's model card README.md")
+
+    p = add('onnx', _onnx, "export a timm or timm-gcp model to ONNX with timm's onnx_export (GCP heads in export "
+                           "mode), then check the file with onnxruntime against the exact PyTorch model")
+    p.add_argument('model', help='timm model name, local-dir:DIR (e.g. a train.py run\'s model/) or hf-hub:ORG/NAME')
+    p.add_argument('output', help='ONNX file to write')
+    p.add_argument('--checkpoint', help='weights to load on top (a train.py checkpoint, .safetensors or .pth)')
+    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
+                   help="the model's pretrained weights (default: unless --checkpoint, as timm's onnx_export.py)")
+    p.add_argument('--num-classes', type=int, help="(default: the model's)")
+    p.add_argument('--data-dir', help='image folder (its val/ or the folder itself) whose first images are the '
+                                      'sample batch; default: random input')
+    p.add_argument('-b', '--batch-size', type=int, default=8, help='sample images (default: %(default)s)')
+    p.add_argument('--img-size', type=int, help="input resolution (default: the model's)")
+    p.add_argument('--dynamo', action='store_true', help='the torch.export-based exporter (default: TorchScript)')
+    p.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument('--tolerance', type=float, default=1e-4, help='allowed onnxruntime difference from PyTorch, '
+                                                                  'relative to the largest output (%(default)s)')
 
     p = add('model-table', _model_table, "print the README's model table from the catalogue (checked against "
                                          "timm's registry), or rewrite it between its markers (--write)")

@@ -2,6 +2,7 @@
 before publishing: nothing non-finite, no local path or user name, a card timm's Hub loading accepts."""
 import copy
 import getpass
+import glob
 import inspect
 import json
 import math
@@ -20,9 +21,11 @@ from safetensors import safe_open
 from timm.models import save_for_hf
 from torch import nn
 
-from .._text import preview
+from .. import __version__
+from .._text import first_not_utf8, preview
 from ..layers import GCPPool
 from ..training.model import nonfinite_tensors
+from .manifest import MANIFEST_NAME, build_manifest
 
 EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
 REPO_ID_PLACEHOLDER = '<repo-id>'  # push_model writes the real repo id into the uploaded card
@@ -43,6 +46,17 @@ def _check_finite_metrics(metrics: Mapping[str, Any], what: str) -> None:
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
     if bad:
         raise ValueError(f'{what} must be finite numbers, got {bad}: refusing to publish them')
+
+
+def _check_label_names(label_names: Any, what: str) -> None:
+    """TypeError unless a sequence of str; ValueError naming the first that is not valid UTF-8 text (a file name in
+    another encoding, decoded by Python with surrogate escapes)."""
+    if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
+        raise TypeError(f'{what} must be a sequence of str, got {type(label_names).__name__}')
+    bad = first_not_utf8(label_names)
+    if bad is not None:
+        raise ValueError(f'{what} holds {ascii(bad)}, which is not valid UTF-8 text (a class folder named in another '
+                         f'encoding?): rename it')
 
 
 def _check_no_local_paths(name: str, text: str) -> None:
@@ -154,28 +168,52 @@ def _replace_dir(staged: Path, output_dir: Path) -> None:
         shutil.rmtree(old.parent)
 
 
+def remove_staging(output_dir: Union[str, os.PathLike]) -> None:
+    """Remove what an interrupted export to `output_dir` left beside it (`.NAME.tmp-*`, `.NAME.old-*`); an earlier
+    export caught between its two renames goes back in place first. One export per folder at a time."""
+    output_dir = Path(output_dir)
+    name = glob.escape(output_dir.name)
+    for old in sorted(output_dir.parent.glob(f'.{name}.old-*')):
+        if (old / 'export').is_dir() and not output_dir.exists():
+            os.replace(old / 'export', output_dir)
+        shutil.rmtree(old)
+    for staged in output_dir.parent.glob(f'.{name}.tmp-*'):
+        shutil.rmtree(staged)
+
+
+def record_manifest(folder: Union[str, os.PathLike]) -> None:
+    """Write the folder's timm_gcp_manifest.json: the sha256 and size of its EXPORT_FILES, which `timm-gcp verify`
+    checks (export_model calls it; so should a tool that changes an export's file on purpose)."""
+    folder = Path(folder)
+    architecture = json.loads((folder / 'config.json').read_text())['architecture']
+    (folder / MANIFEST_NAME).write_bytes(build_manifest({name: folder / name for name in EXPORT_FILES},
+                                                        architecture=architecture, timm_gcp_version=__version__))
+
+
 def export_model(model: nn.Module, output_dir: Union[str, os.PathLike], *, label_names: Sequence[str],
                  metrics: Optional[Mapping[str, Any]] = None, recipe: Optional[Mapping[str, Any]] = None,
                  command: Optional[str] = None, dataset: Optional[str] = None,
                  data_config: Optional[Mapping[str, Any]] = None, repo_id: str = REPO_ID_PLACEHOLDER,
                  base_model: Optional[str] = None) -> Path:
-    """Write model.safetensors, config.json (timm format, label names, model_args) and README.md, complete or not at
-    all (an earlier export stays intact on any failure). `data_config` overrides the recorded preprocessing;
+    """Write model.safetensors, config.json (timm format, label names, model_args), README.md and the sha256 manifest
+    of the three, complete or not at all (an earlier export stays intact on any failure; what an interrupted export
+    left beside the folder is removed first). `data_config` overrides the recorded preprocessing;
     `base_model` is the Hub id of the weights the run started from."""
     output_dir = Path(output_dir)
-    if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
-        raise TypeError(f'label_names must be a sequence of str, got {type(label_names).__name__}')
+    _check_label_names(label_names, 'label_names')
     if len(label_names) != model.num_classes:
         raise ValueError(f'label_names has {len(label_names)} entries but the model has {model.num_classes} classes')
     _check_finite_tensors(model.state_dict().items(), f'{type(model).__name__} state dict')
     _check_finite_metrics(metrics or {}, 'metrics')
-    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in EXPORT_FILES) if output_dir.exists() else []
+    written = (*EXPORT_FILES, MANIFEST_NAME)
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in written) if output_dir.exists() else []
     if foreign:
         raise ValueError(f'export target {output_dir} holds files an export would lose: {foreign}')
     # timm 1.0.29 records no model_args by itself; 1.0.31 adds what create_model recorded, explicit values winning
     model_args = {**(model.gcp_model_args() if hasattr(model, 'gcp_model_args') else {}),
                   'num_classes': model.num_classes}
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_staging(output_dir)
     staged = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.tmp-'))
     try:
         if not all(t.is_contiguous() for t in model.state_dict().values()):  # channels_last: safetensors needs a copy
@@ -201,6 +239,7 @@ def export_model(model: nn.Module, output_dir: Union[str, os.PathLike], *, label
         card.save(staged / 'README.md')
         for name in ('config.json', 'README.md'):
             _check_no_local_paths(name, (staged / name).read_text())
+        record_manifest(staged)
         umask = os.umask(0o022)  # mkdtemp makes 0700, safetensors 0600: give the modes mkdir() and open() would
         os.umask(umask)
         staged.chmod(0o777 & ~umask)
@@ -234,6 +273,8 @@ def check_export_dir(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise ValueError(f"architecture {config['architecture']!r} is not registered with timm, so "
                          f"'hf-hub:' loading of this folder would fail (did the export come from timm_gcp?)")
     classes = config['num_classes']
+    if 'label_names' in config:
+        _check_label_names(config['label_names'], f'{folder / "config.json"} label_names')
     if len(config.get('label_names', [None] * classes)) != classes:
         raise ValueError(f"config.json has {len(config['label_names'])} label_names for {classes} classes")
     weights = folder / 'model.safetensors'

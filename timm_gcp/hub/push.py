@@ -1,23 +1,21 @@
 """Publish an exported folder to the Hub in one commit with a sha256 manifest, retrying transient errors."""
-import io
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Callable, Dict, Optional, TypeVar, Union
 
 import timm
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils.sha import sha_fileobj
 
 from .. import __version__
 from .export import EXPORT_FILES, REPO_ID_PLACEHOLDER, check_export_dir
+from .manifest import MANIFEST_NAME, build_manifest, file_digest  # noqa: F401 (file_digest: part of this API)
 
 _logger = logging.getLogger(__name__)
-MANIFEST_NAME = 'timm_gcp_manifest.json'
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)  # what huggingface_hub's http_backoff retries
 _TRANSIENT_ERRORS = ('TransportError', 'TimeoutException', 'NetworkError', 'RemoteProtocolError')  # httpx, by name
 T = TypeVar('T')
@@ -39,18 +37,6 @@ def check_repo_id(repo_id: str) -> None:
     validate_repo_id(repo_id)
 
 
-def file_digest(source: Union[bytes, Path]) -> Tuple[str, int]:
-    """(sha256 hex, size) of in-memory bytes or a file."""
-    with (io.BytesIO(source) if isinstance(source, bytes) else open(source, 'rb')) as f:
-        return sha_fileobj(f).hex(), f.tell()
-
-
-def build_manifest(files: Mapping[str, Union[bytes, Path]], **info: str) -> bytes:
-    """JSON manifest {format: 1, files: {name: {sha256, size}}, **info} of the files uploaded beside it."""
-    digests = {name: dict(zip(('sha256', 'size'), file_digest(source))) for name, source in sorted(files.items())}
-    return (json.dumps({'format': 1, 'files': digests, **info}, indent=2, sort_keys=True) + '\n').encode()
-
-
 def _is_transient(error: Exception) -> bool:
     if isinstance(error, HfHubHTTPError):
         return getattr(error.response, 'status_code', None) in TRANSIENT_STATUS
@@ -60,17 +46,28 @@ def _is_transient(error: Exception) -> bool:
 
 def with_retries(fn: Callable[[], T], what: str, max_retries: int = 5, delay: float = 1.0) -> T:
     """fn(), retried with exponential backoff on a transient error (408/429/5xx, connection, timeout): for the
-    create_repo, create_branch and commit POSTs, which huggingface_hub does not retry (docs/hub.md)."""
+    create_repo, create_branch and commit POSTs, which huggingface_hub does not retry (docs/hub.md). `what` names
+    the call and its endpoint; a connection that never succeeds ends in a ConnectionError naming them, the attempts
+    and the time spent."""
+    waits = [min(delay * 2 ** attempt, 60.0) for attempt in range(max_retries)]
+    start = time.monotonic()
     for attempt in range(max_retries + 1):
         try:
             return fn()
         except Exception as e:
-            if attempt >= max_retries or not _is_transient(e):
+            if not _is_transient(e):
                 raise
-            wait = min(delay * 2 ** attempt, 60.0)
-            _logger.warning('%s: transient error (%s); retry %d/%d in %.1fs', what, type(e).__name__, attempt + 1,
-                            max_retries, wait)
-            time.sleep(wait)
+            if attempt >= max_retries:
+                if isinstance(e, HfHubHTTPError):  # the server answered: its error names the URL and status
+                    raise
+                raise ConnectionError(
+                    f'{what}: no connection after {attempt + 1} attempt(s) over {time.monotonic() - start:.1f} s '
+                    f'({type(e).__name__}: {e}); check the network and HF_ENDPOINT (--max-retries, --retry-delay '
+                    f'set the retries)') from e
+            budget = f' (at most {sum(waits):g} s of retries in all)' if attempt == 0 else ''
+            _logger.warning('%s: transient error (%s); retry %d/%d in %.1fs%s', what, type(e).__name__, attempt + 1,
+                            max_retries, waits[attempt], budget)
+            time.sleep(waits[attempt])
 
 
 def push_model(folder: Union[str, Path], repo_id: str, *, private: bool = False, revision: Optional[str] = None,
@@ -92,10 +89,11 @@ def push_model(folder: Union[str, Path], repo_id: str, *, private: bool = False,
     files[MANIFEST_NAME] = manifest
     branch = revision or 'main'
     api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
-    with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), 'create_repo', max_retries,
+    at = f' at {api.endpoint}'
+    with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), 'create_repo' + at, max_retries,
                  retry_delay)
     if branch != 'main':
-        with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), 'create_branch',
+        with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), 'create_branch' + at,
                      max_retries, retry_delay)
     message = commit_message or f"Upload {config['architecture']} with timm-gcp {__version__}"
 
@@ -103,6 +101,6 @@ def push_model(folder: Union[str, Path], repo_id: str, *, private: bool = False,
         operations = [CommitOperationAdd(name, source) for name, source in files.items()]
         return api.create_commit(repo_id, operations=operations, revision=branch, commit_message=message)
 
-    info = with_retries(commit, 'create_commit', max_retries, retry_delay)
+    info = with_retries(commit, 'create_commit' + at, max_retries, retry_delay)
     sha256 = {name: entry['sha256'] for name, entry in json.loads(manifest)['files'].items()}
     return PushResult(repo_id, branch, info.oid, info.commit_url, sha256)

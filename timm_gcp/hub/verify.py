@@ -1,6 +1,5 @@
 """Verify a published repo (checksums against the push manifest and the Hub's object ids, `hf-hub:` loading) or a
 local export folder (`local-dir:` loading), and, given data, the card's accuracy."""
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from .._text import preview
 from ..training.data import create_dataloader, create_eval_dataset
 from ..training.evaluate import evaluate
 from .export import EXPORT_FILES, card_metrics, check_export_dir
-from .push import MANIFEST_NAME, check_repo_id, file_digest
+from .manifest import MANIFEST_NAME, file_digest, read_manifest
+from .push import check_repo_id
 
 
 class VerificationError(Exception):
@@ -42,16 +42,38 @@ def _check_object_id(name: str, path: Path, sha: str, entry: RepoFile) -> None:
         raise VerificationError(f'{name}: Hub {kind} {expected} does not match the downloaded {found}')
 
 
+def _read_manifest(path: Path) -> Dict[str, Tuple[str, int]]:
+    try:
+        return read_manifest(path)
+    except ValueError as e:
+        raise VerificationError(str(e)) from e
+
+
+def _check_export_manifest(folder: Path) -> None:
+    """Every file of a local export against the sha256 and size export_model recorded in its manifest."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise VerificationError(f'{folder} has no {MANIFEST_NAME}: without the sha256 that export_model records for '
+                                f'every file it writes, the files cannot be checked; export the model again')
+    manifest = _read_manifest(path)
+    unlisted = sorted(set(EXPORT_FILES) - set(manifest))
+    if unlisted:
+        raise VerificationError(f'{path} does not list {unlisted}: not an export manifest')
+    for name, (sha, size) in sorted(manifest.items()):
+        found = file_digest(folder / name) if (folder / name).is_file() else None
+        if found != (sha, size):
+            now = f'sha256 {found[0]} ({found[1]} B)' if found else 'missing'
+            raise VerificationError(f'{folder / name} differs from the export: {now}, recorded {sha} ({size} B) in '
+                                    f'{MANIFEST_NAME}')
+
+
 def _check_checksums(local: Path, tree: Dict[str, RepoFile]) -> Dict[str, str]:
     """Every downloaded file against the push manifest and the Hub's object ids; returns {file: sha256}."""
     path = local / MANIFEST_NAME
     if not path.is_file():
         raise VerificationError(f'no {MANIFEST_NAME} in the repo: it was not published with timm-gcp push')
     _check_object_id(MANIFEST_NAME, path, file_digest(path)[0], tree[MANIFEST_NAME])
-    try:
-        manifest = {name: (v['sha256'], v['size']) for name, v in json.loads(path.read_text())['files'].items()}
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise VerificationError(f'{MANIFEST_NAME} is not a timm-gcp manifest: {e!r}') from e
+    manifest = _read_manifest(path)
     uncovered = sorted(set(tree) - set(manifest) - {'.gitattributes', MANIFEST_NAME})
     if uncovered:
         raise VerificationError(f'repo holds files the manifest does not cover: {uncovered}')
@@ -93,8 +115,8 @@ def _check_model(model_name: str, folder: Path, data_dir: Optional[Union[str, Pa
     dataset.transform = create_transform(**resolve_model_data_config(model))
     result = evaluate(model, create_dataloader(dataset, batch_size, False, 0), flip_test=hflip_average)
     measured = {'top1': result['top1'], 'top5': result['top5'], 'count': result['val_images']}
-    for key, value in card.items():
-        if abs(measured[key] - value) > tolerance:
+    for key, value in card.items():  # the card holds 2 decimals
+        if abs(round(measured[key], 2) - value) > tolerance:
             raise VerificationError(f'{key}: re-evaluated {measured[key]:.2f}% on {data_dir} vs card {value:.2f}% '
                                     f'(tolerance {tolerance} points)')
     return card, measured
@@ -102,9 +124,10 @@ def _check_model(model_name: str, folder: Path, data_dir: Optional[Union[str, Pa
 
 def verify_folder(folder: Union[str, Path], *, data_dir: Optional[Union[str, Path]] = None, tolerance: float = 0.5,
                   batch_size: int = 32, hflip_average: bool = False) -> VerifyReport:
-    """Check a local export before publishing it: push's checks, `local-dir:` loading bit-identical to its weights
-    and, with `data_dir`, the card's accuracy."""
+    """Check a local export before publishing it: every file against the sha256 export_model recorded, push's checks,
+    `local-dir:` loading bit-identical to its weights and, with `data_dir`, the card's accuracy."""
     folder = Path(folder)
+    _check_export_manifest(folder)
     card, measured = _check_model(f'local-dir:{folder}', folder, data_dir, tolerance, batch_size, hflip_average)
     sha256 = {name: file_digest(folder / name)[0] for name in EXPORT_FILES}
     return VerifyReport(str(folder), None, sha256, measured, card)

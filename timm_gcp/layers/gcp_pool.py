@@ -7,11 +7,13 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from ..meta_layers import create_meta_layer
-from ..ops import NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_vec
+from ..ops import (
+    NonFiniteCovarianceError, autocast_enabled, covariance, refuse_torchscript, triu_flat_index, triu_vec)
 from .channel_dropout import AdaptiveChannelDropout
 from .compact import ProgressiveReduction, RowGroupConv
 from .gaussian import GaussianEmbedding
 from .stiefel import StiefelCompression
+from .riemannian import RiemannianMap
 
 __all__ = ['GCPPool', 'HEAD_OPTIONS', 'gcp_feature_dim', 'head_option_defaults']
 
@@ -42,6 +44,8 @@ class GCPPool(nn.Module):
     those widths before the reduction to `dim`; `compress_dim=k` projects the matrix to WᵀΣW, W (n x k) orthonormal,
     before the meta-layer (IDCCP); `group_conv=e` replaces the triu vector by a row-wise group convolution of the
     normalised matrix, e filters per row (MPN-COV journal version's compact head).
+    `riemannian` maps the meta-layer output M = Σ^θ before the triu vector (`RiemannianMap`, RiemGCP): 'pow_emlr' (M
+    itself, the default), 'scalepow_emlr', 'pow_tmlr', 'chol_tmlr' or 'log_emlr'.
     A non-finite covariance raises `timm_gcp.ops.NonFiniteCovarianceError` saying the features fed to the head are
     non-finite; `torch.jit.script` raises a RuntimeError (use torch.compile).
     """
@@ -60,6 +64,7 @@ class GCPPool(nn.Module):
             progressive_widths: Optional[Sequence[int]] = None,
             compress_dim: Optional[int] = None,
             group_conv: Optional[int] = None,
+            riemannian: str = 'pow_emlr',
     ):
         super().__init__()
         if isinstance(in_chs, bool) or not isinstance(in_chs, int) or in_chs < 1:
@@ -88,6 +93,9 @@ class GCPPool(nn.Module):
         self.compression = None if compress_dim is None else StiefelCompression(size, compress_dim)
         self.group_conv = group_conv
         self.row_conv = None if group_conv is None else RowGroupConv(compress_dim or size, group_conv)
+        # a constant index for tracers and exporters (which cannot export triu_indices); not in checkpoints
+        self.register_buffer('triu_index', triu_flat_index(self.matrix_size), persistent=False)
+        self.riemannian_map = RiemannianMap(riemannian)
         self.set_meta_layer(meta_layer, **(meta_layer_kwargs or {}))
 
     @property
@@ -105,10 +113,20 @@ class GCPPool(nn.Module):
         return {name: getattr(self, name) for name in HEAD_OPTIONS}
 
     def set_meta_layer(self, name: str, **kwargs) -> None:
-        """Swap the matrix normalisation (same parameters, different function: the hybrid protocol)."""
-        self.meta_layer = create_meta_layer(name, **kwargs)
+        """Swap the matrix normalisation (same parameters, different function: the hybrid protocol); a head in
+        export mode stays in it."""
+        exportable = getattr(self, 'meta_layer', None) is not None and self.meta_layer.exportable
+        meta_layer = create_meta_layer(name, **kwargs)
+        self.riemannian_map.check_meta_layer(meta_layer)
+        if exportable:
+            meta_layer.set_exportable(True)
+        self.meta_layer = meta_layer
         self.meta_layer_name = name
         self.meta_layer_kwargs = dict(kwargs)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute `triu_index` (timm's hook after `to_empty()`)."""
+        self.triu_index.copy_(triu_flat_index(self.matrix_size, self.triu_index.device))
 
     @property
     def dropcov(self) -> bool:
@@ -122,6 +140,10 @@ class GCPPool(nn.Module):
     def compress_dim(self) -> Optional[int]:
         return None if self.compression is None else self.compression.dim
 
+    @property
+    def riemannian(self) -> str:
+        return self.riemannian_map.name
+
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.channel_dropout(self.act(self.bn(self.conv(self.progressive(x)))))
 
@@ -132,8 +154,8 @@ class GCPPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            normalised = self.meta_layer(self.second_order(self.reduce(x)))
-            pooled = triu_vec(normalised) if self.row_conv is None else self.row_conv(normalised)
+            normalised = self.riemannian_map(self.meta_layer(self.second_order(self.reduce(x))), self.meta_layer.power)
+            pooled = triu_vec(normalised, self.triu_index) if self.row_conv is None else self.row_conv(normalised)
         except NonFiniteCovarianceError as err:
             raise NonFiniteCovarianceError(
                 f'GCPPool: the covariance of its (B, {self.dim}, H, W) reduced features is non-finite, so the features '
@@ -142,7 +164,7 @@ class GCPPool(nn.Module):
         return pooled if autocast_enabled(x) else pooled.to(x.dtype)
 
 
-HEAD_OPTIONS = ('dropcov', 'gaussian', 'progressive_widths', 'compress_dim', 'group_conv')
+HEAD_OPTIONS = ('dropcov', 'riemannian', 'gaussian', 'progressive_widths', 'compress_dim', 'group_conv')
 """GCPPool's keyword options beyond the reduction width and the meta-layer. Each is also a model kwarg of every GCP
 model (`timm.create_model('gcp_resnet50', dropcov=True)`), passed to its head and recorded in its config.json: a new
 head option is a keyword of GCPPool, an attribute of the same name, and its name here."""

@@ -24,6 +24,7 @@ class Covariance(MetaLayer):
 
     Output dtype: float32, or float64 for float64 input."""
     papers = (DROPCOV_BIBTEX,)
+    power = 1.0  # Σ itself
 
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
         return cov

@@ -3,19 +3,23 @@
 Forward: √A as a matrix Padé or Taylor polynomial of the Frobenius-normalised A. Backward: the exact square root's
 gradient, a Lyapunov equation solved by matrix-sign iteration. Derivations: docs/meta_layers.md.
 """
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
+from ..ops import newton_inverse
 from ..ops.covariance import fp32_backward, symmetrize
 from .options import MAX_MATRIX_ITER, int_option
 from .registry import MetaLayer, register_meta_layer
 
-__all__ = ['MpaLya', 'MtpLya', 'MPA_NUMERATOR', 'MPA_DENOMINATOR', 'sqrt_taylor_coefficients', 'solve_lyapunov']
+__all__ = ['MpaLya', 'MtpLya', 'MPA_NUMERATOR', 'MPA_DENOMINATOR', 'MPA_DENOMINATOR_MIN', 'sqrt_taylor_coefficients',
+           'solve_lyapunov']
 
 # [5/5] Padé approximant of √(1 − z): P(Z) = Σ p_k Z^k, Q(Z) = Σ q_k Z^k
 MPA_NUMERATOR = (1.0, -2.75, 2.75, -1.203125, 0.21484375, -0.0107421875)
 MPA_DENOMINATOR = (1.0, -2.25, 1.75, -0.546875, 0.05859375, -0.0009765625)
+# Q decreases on [0, 1]: its eigenvalues for Z = I − A/‖A‖_F (spectrum in [0, 1]) lie in [Q(1), 1]
+MPA_DENOMINATOR_MIN = sum(MPA_DENOMINATOR)
 
 
 def sqrt_taylor_coefficients(degree: int) -> List[float]:
@@ -35,7 +39,8 @@ def _matrix_polynomials(z: torch.Tensor, *coeff_lists: Sequence[float]) -> List[
     powers = [_eye_like(z).expand_as(z), z]
     for _ in range(max(len(c) for c in coeff_lists) - 2):
         powers.append(powers[-1] @ z)
-    return [sum(c * p for c, p in zip(coeffs, powers)) for coeffs in coeff_lists]
+    # each sum starts from its constant term (Python's sum starts from int 0: TorchScript's ONNX export fails on it)
+    return [sum((c * p for c, p in zip(coeffs[1:], powers[1:])), coeffs[0] * powers[0]) for coeffs in coeff_lists]
 
 
 def _frobenius(m: torch.Tensor) -> torch.Tensor:
@@ -79,9 +84,16 @@ MPA_LYA_BIBTEX = """@inproceedings{song2022fast,
   year={2022}
 }"""
 
+def _frobenius_sqrt(cov: torch.Tensor, sqrt_normalized: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """√A = √(I − Z)·√‖A‖_F with Z = I − A/‖A‖_F, given `sqrt_normalized`: Z -> √(I − Z)."""
+    norm = _frobenius(cov)
+    return symmetrize(sqrt_normalized(_eye_like(cov) - cov / norm)) * norm.sqrt()
+
+
 class _LyapunovSqrt(MetaLayer):
     """Approximate matrix square root forward, Lyapunov backward solved in `lya_iter` (1 to 100) sign iterations."""
     papers = (MPA_LYA_BIBTEX,)
+    power = 0.5
 
     def __init__(self, lya_iter: int = 8):
         super().__init__()
@@ -92,8 +104,7 @@ class _LyapunovSqrt(MetaLayer):
         raise NotImplementedError
 
     def approx_sqrt(self, cov: torch.Tensor) -> torch.Tensor:
-        norm = _frobenius(cov)
-        return symmetrize(self.sqrt_normalized(_eye_like(cov) - cov / norm)) * norm.sqrt()
+        return _frobenius_sqrt(cov, self.sqrt_normalized)
 
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
         return _LyapunovSqrtFn.apply(cov, self.approx_sqrt, self.lya_iter)
@@ -101,11 +112,21 @@ class _LyapunovSqrt(MetaLayer):
 
 @register_meta_layer('mpa_lya')
 class MpaLya(_LyapunovSqrt):
-    """MPA-Lya (Song et al., ICLR 2022): [5/5] matrix Padé approximant Q(Z)⁻¹P(Z) of √(1 − z), Lyapunov backward."""
+    """MPA-Lya (Song et al., ICLR 2022): [5/5] matrix Padé approximant Q(Z)⁻¹P(Z) of √(1 − z), Lyapunov backward.
+    Export path (ONNX has no linear solve): Q⁻¹ by Newton–Schulz (`timm_gcp.ops.newton_inverse`), to the compute
+    dtype's precision in 10 iterations (float32), as the spectrum of Q lies in [Q(1), 1] = [0.0107, 1]."""
+    export_tolerance = 1e-3  # the float32 solve itself is 1e-3 off float64 on trained features (docs/models.md)
 
     def sqrt_normalized(self, z: torch.Tensor) -> torch.Tensor:
         p, q = _matrix_polynomials(z, MPA_NUMERATOR, MPA_DENOMINATOR)
         return torch.linalg.solve(q, p)
+
+    def export_normalize(self, cov: torch.Tensor) -> torch.Tensor:
+        return _frobenius_sqrt(symmetrize(cov), self._sqrt_normalized_without_solve)
+
+    def _sqrt_normalized_without_solve(self, z: torch.Tensor) -> torch.Tensor:
+        p, q = _matrix_polynomials(z, MPA_NUMERATOR, MPA_DENOMINATOR)
+        return newton_inverse(q, MPA_DENOMINATOR_MIN) @ p
 
     def extra_repr(self) -> str:
         return f'lya_iter={self.lya_iter}'

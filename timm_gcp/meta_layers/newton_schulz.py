@@ -126,6 +126,7 @@ class ISqrt(MetaLayer):
     torch.compile, which traces both; `compile=True` runs it through `compiled_newton_schulz_sqrt` on its own.
     """
     papers = (ISQRT_COV_BIBTEX, FAST_MPN_COV_BIBTEX)
+    power = 0.5
 
     def __init__(self, num_iter: int = 5, compile: bool = False):
         super().__init__()

@@ -5,28 +5,30 @@ out = V diag(λ^α) Vᵀ. They differ in the backward dΣ = V [(Vᵀ sym(G) V) �
 differences L, `svd_*` the eigenvector rule with an approximated 1/(λ_i − λ_j). Derivations: docs/meta_layers.md.
 """
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops.covariance import cached_tensors, fp32_backward, symmetrize
-from ..ops import check_eigh_backend, eigh
+from ..ops import check_eigh_backend, eigh, newton_power, power_fraction
+from ..ops.newton import MAX_ROOT_DENOMINATOR
 from .options import MAX_SERIES_TERMS, bool_option, float_option, int_option, optional
 from .registry import MetaLayer, register_meta_layer
 
 __all__ = [
     'SpectralPower', 'MatrixPower', 'SvdPade', 'SvdTaylor', 'SvdPowerIteration', 'SvdTrunc',
-    'clamp_eigenvalues', 'geometric_partial_sum', 'loewner_power', 'pade_geometric_coefficients',
-    'published_pade_coefficients', 'polyval', 'replace_non_finite',
+    'clamp_eigenvalues', 'geometric_partial_sum', 'loewner_log', 'loewner_power', 'pade_geometric_coefficients',
+    'published_pade_coefficients', 'polyval', 'replace_non_finite', 'spectral_function',
 ]
 
 EIGENVALUE_FLOOR = torch.finfo(torch.float32).tiny
+EXPORT_TOLERANCE = 2e-2  # of the largest output entry: the exact layers move by 1e-3 to 1e-2 when their float32
+# covariance is rounded differently (measured on trained features, docs/models.md#deploying)
 
 
-def clamp_eigenvalues(evals: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clamp (B, d) eigenvalues from below at max(eps·λ_max, 1.2e-38) per matrix."""
-    floor = (eps * evals.amax(dim=-1, keepdim=True)).clamp_min(EIGENVALUE_FLOOR)
-    return torch.maximum(evals, floor)
+def clamp_eigenvalues(evals: torch.Tensor, eps: float, floor: float = EIGENVALUE_FLOOR) -> torch.Tensor:
+    """Clamp (B, d) eigenvalues from below at max(eps·λ_max, floor) per matrix (floor: 1.2e-38 by default)."""
+    return torch.maximum(evals, (eps * evals.amax(dim=-1, keepdim=True)).clamp_min(floor))
 
 
 def _larger_smaller(first: torch.Tensor, second: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +42,16 @@ def _pair_index(d: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     i·d + j and j·d + i of their two entries in a flattened d × d matrix."""
     first, second = torch.triu_indices(d, d, offset=1, device=device)
     return first, second, first * d + second, second * d + first
+
+
+def loewner_log(evals: torch.Tensor) -> torch.Tensor:
+    """(B, d, d) divided differences (log λ_i − log λ_j)/(λ_i − λ_j), 1/λ_i on ties, for positive eigenvalues.
+
+    With a ≥ b it is log1p((a − b)/b)/(a − b): no difference of logarithms (a − b is exact when a ≤ 2b)."""
+    big, small = _larger_smaller(evals.unsqueeze(-1), evals.unsqueeze(-2))
+    gap = big - small
+    tie = gap == 0
+    return torch.where(tie, small.reciprocal(), torch.log1p(gap / small) / torch.where(tie, torch.ones_like(gap), gap))
 
 
 def loewner_power(evals: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -115,32 +127,53 @@ def replace_non_finite(grad: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(grad), torch.sign(grad) * largest, grad)
 
 
-class _SpectralPowerFn(torch.autograd.Function):
-    """Σ -> V diag(clamp(λ)^α) Vᵀ with the backward V [(Vᵀ sym(G) V) ∘ L] Vᵀ, L given by `loewner`."""
+class _SpectralFn(torch.autograd.Function):
+    """Σ -> V diag(fn(clamp(λ))) Vᵀ with the backward V [(Vᵀ sym(G) V) ∘ L] Vᵀ, L = divided_differences(clamp(λ))."""
 
     @staticmethod
-    def forward(ctx, cov, alpha, eps, eig_dtype, eigh_backend, loewner, guard):
+    def forward(ctx, cov, fn, divided_differences, eps, floor, eig_dtype, eigh_backend, guard):
         evals, evecs = eigh(symmetrize(cov.to(eig_dtype)), eigh_backend)
-        evals = clamp_eigenvalues(evals, eps)
-        powered = evals.pow(alpha)
+        evals = clamp_eigenvalues(evals, eps, floor)
         ctx.save_for_backward(evals, evecs)
-        ctx.alpha, ctx.loewner, ctx.guard = alpha, loewner, guard
-        return ((evecs * powered.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(cov.dtype)
+        ctx.divided_differences, ctx.guard = divided_differences, guard
+        return ((evecs * fn(evals).unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(cov.dtype)
 
     @staticmethod
     @fp32_backward
     def backward(ctx, grad_out):
         evals, evecs = ctx.saved_tensors
         grad_eig = evecs.transpose(-1, -2) @ symmetrize(grad_out.to(evecs.dtype)) @ evecs
-        loewner = ctx.loewner(evals, evals.pow(ctx.alpha), ctx.alpha)
+        loewner = ctx.divided_differences(evals)
         if ctx.guard:  # per entry of L: one tied pair's 0·inf must not turn the whole product into NaN
             loewner = replace_non_finite(loewner)
         grad = (evecs @ (grad_eig * loewner) @ evecs.transpose(-1, -2)).to(grad_out.dtype)
-        return (replace_non_finite(grad) if ctx.guard else grad), None, None, None, None, None, None
+        return (replace_non_finite(grad) if ctx.guard else grad), None, None, None, None, None, None, None
+
+
+def spectral_function(
+        m: torch.Tensor,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        divided_differences: Callable[[torch.Tensor], torch.Tensor],
+        eps: float,
+        floor: float = EIGENVALUE_FLOOR,
+        eig_dtype: Optional[torch.dtype] = None,
+        eigh_backend: str = 'auto',
+        guard: bool = False,
+) -> torch.Tensor:
+    """f(M) = V diag(fn(λ)) Vᵀ of symmetric (B, d, d) M = V diag(λ) Vᵀ, its eigenvalues clamped at
+    max(eps·λ_max, floor), with the backward V [(Vᵀ sym(G) V) ∘ L] Vᵀ for L = divided_differences(λ), the (B, d, d)
+    divided differences of f (`loewner_power`, `loewner_log`). `eig_dtype` (default: M's) is the dtype of the
+    eigendecomposition and the backward; `guard` replaces their non-finite entries (`replace_non_finite`)."""
+    return _SpectralFn.apply(m, fn, divided_differences, eps, floor, eig_dtype or m.dtype, eigh_backend, guard)
 
 
 class SpectralPower(MetaLayer):
     """Base of the exact layers: matrix power Σ^α from an exact eigendecomposition; subclasses choose the backward.
+
+    Export path (ONNX has no eigendecomposition): `timm_gcp.ops.newton_power` in float64, Σ^α by a coupled Newton
+    iteration with the clamp max(λ, ε·λ_max)^α replaced by the smooth (λ² + ε²·λ̂²)^(α/2), ε at least float32's
+    epsilon (below it the eigenvalues of a float32 covariance are rounding noise); α must be a fraction with a
+    denominator up to 16.
 
     Args:
         alpha: the power, in (0, 2] (½: matrix square root).
@@ -149,6 +182,7 @@ class SpectralPower(MetaLayer):
         eigh_backend: the `timm_gcp.ops.eigh` backend: 'auto' (cuSOLVER on CUDA, else torch), 'torch' or 'cusolver'.
     """
     overflow_guard = False
+    export_tolerance = EXPORT_TOLERANCE
 
     def __init__(
             self,
@@ -167,11 +201,33 @@ class SpectralPower(MetaLayer):
         """(B, d, d) symmetric matrix L of the backward dΣ = V [(Vᵀ sym(G) V) ∘ L] Vᵀ."""
         raise NotImplementedError
 
+    def eig_dtype(self, cov: torch.Tensor) -> torch.dtype:
+        return torch.float64 if self.float64 else cov.dtype
+
+    def clamp_eps(self, eig_dtype: torch.dtype) -> float:
+        """The eigenvalue clamp relative to λ_max."""
+        return torch.finfo(eig_dtype).eps if self.eps is None else self.eps
+
     def normalize(self, cov: torch.Tensor) -> torch.Tensor:
-        eig_dtype = torch.float64 if self.float64 else cov.dtype
-        eps = torch.finfo(eig_dtype).eps if self.eps is None else self.eps
-        return _SpectralPowerFn.apply(
-            cov, self.alpha, eps, eig_dtype, self.eigh_backend, self.loewner, self.overflow_guard)
+        eig_dtype = self.eig_dtype(cov)
+        alpha = self.alpha
+        return spectral_function(cov, lambda evals: evals.pow(alpha),
+                                 lambda evals: self.loewner(evals, evals.pow(alpha), alpha), self.clamp_eps(eig_dtype),
+                                 eig_dtype=eig_dtype, eigh_backend=self.eigh_backend, guard=self.overflow_guard)
+
+    @property
+    def power(self) -> float:
+        return self.alpha
+
+    def export_normalize(self, cov: torch.Tensor) -> torch.Tensor:
+        floor = max(self.clamp_eps(self.eig_dtype(cov)), torch.finfo(cov.dtype).eps)
+        return newton_power(symmetrize(cov.double()), self.alpha, floor).to(cov.dtype)
+
+    def set_exportable(self, enable: bool = True) -> None:
+        if enable and power_fraction(self.alpha / 2) is None:
+            raise ValueError(f'{self.name} option alpha={self.alpha} has no export path: it is computed for fractions '
+                             f'q/p with p <= {MAX_ROOT_DENOMINATOR // 2} (e.g. 0.5, 0.25, 0.3, 2/3)')
+        super().set_exportable(enable)
 
     def extra_repr(self) -> str:
         return f'alpha={self.alpha}, eps={self.eps}, float64={self.float64}, eigh_backend={self.eigh_backend}'

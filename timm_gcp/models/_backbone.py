@@ -67,16 +67,16 @@ def _model_name(model: nn.Module) -> str:
     return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
 
 
-def select_backbone_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str
+def select_backbone_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str, export: bool = False
                             ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """A complete state dict for `model` from `state_dict`, and the keys that keep the model's own initialisation.
 
-    A GCP checkpoint of the model (an export) must hold every key but `fc`. A plain timm checkpoint of the backbone
-    architecture must hold every backbone tensor; its classifier is dropped and the GCP head, GSoP blocks and `fc`
-    keep the model's initialisation (logged once). Anything else raises ValueError.
+    A GCP checkpoint of the model (an export, or any checkpoint when `export`) must hold every key but `fc`. A plain
+    timm checkpoint of the backbone architecture must hold every backbone tensor; its classifier is dropped and the
+    GCP head, GSoP blocks and `fc` keep the model's initialisation (logged once). Anything else raises ValueError.
     """
     expected = model.state_dict()
-    if model.is_gcp_checkpoint(state_dict):  # `fc` is left to timm, which drops it for another num_classes
+    if export or model.is_gcp_checkpoint(state_dict):  # `fc` is left to timm, which drops it for another num_classes
         problem = model.head_mismatch(state_dict, source, with_fc=False)
         if problem:
             raise ValueError(problem)
@@ -107,8 +107,11 @@ def pretrained_source(model: nn.Module) -> str:
 
 
 def backbone_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm `pretrained_filter_fn` of every GCP model (see `select_backbone_weights`)."""
-    return select_backbone_weights(state_dict, model, pretrained_source(model))[0]
+    """timm `pretrained_filter_fn` of every GCP model (see `select_backbone_weights`). Weights from an `hf-hub:` repo
+    or a `local-dir:` folder, whose config.json names this architecture, are an export of it: the model's own, even
+    without a GCP head (`global_pool='avg'`), whose keys a plain timm checkpoint's would not tell apart."""
+    export = getattr(model, 'pretrained_cfg', {}).get('source') in ('hf-hub', 'local-dir')
+    return select_backbone_weights(state_dict, model, pretrained_source(model), export)[0]
 
 
 def load_backbone_weights(model: nn.Module, source: Union[str, os.PathLike]) -> List[str]:

@@ -7,7 +7,8 @@ from timm.layers import create_classifier
 from torch import nn
 
 from ..layers import HEAD_OPTIONS, GCPPool, GroupInvariance, GSoPBlock, head_option_defaults
-from ..meta_layers import create_meta_layer
+from ..layers.riemannian import RiemannianMap
+from ..meta_layers import MetaLayer, create_meta_layer
 from ._backbone import state_dict_differences
 
 __all__ = ['GcpHeadMixin']
@@ -106,6 +107,14 @@ class GcpHeadMixin:
         else:
             create_meta_layer(name, **kwargs)  # validate now; used when a GCP head is attached
         self._meta_layer = (name, dict(kwargs))
+
+    def set_exportable(self, enable: bool = True) -> None:
+        """Switch every meta-layer to its export path (ops that both ONNX exporters and torch.export support), or
+        back; `timm.create_model(..., exportable=True)` builds the model so. See docs/models.md#deploying."""
+        for kind in (RiemannianMap, MetaLayer):  # the maps first: they only refuse, so a refusal changes nothing
+            for module in self.modules():
+                if isinstance(module, kind):
+                    module.set_exportable(enable)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New `fc` for `num_classes` (0: none). `global_pool` None keeps the current pooling (a GCP head keeps its

@@ -1,16 +1,16 @@
 """Covariance pooling primitives: the fp32 island, the covariance and the upper-triangular vectorisation."""
 import functools
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from timm.layers import register_notrace_function
 
 from .._text import preview
 
-__all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'check_square_batch',
-           'check_covariance', 'symmetrize', 'autocast_enabled', 'NonFiniteCovarianceError',
-           'IndefiniteCovarianceError', 'refuse_torchscript']
+__all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'triu_flat_index',
+           'check_square_batch', 'check_covariance', 'symmetrize', 'is_tracing', 'batch_elements', 'psd_shifted',
+           'autocast_enabled', 'NonFiniteCovarianceError', 'IndefiniteCovarianceError', 'refuse_torchscript']
 
 
 class NonFiniteCovarianceError(ValueError):
@@ -72,34 +72,50 @@ def symmetrize(m: torch.Tensor) -> torch.Tensor:
     return 0.5 * (m + m.transpose(-1, -2))
 
 
-def _batch_elements(bad: list) -> str:
+def is_tracing() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace (TorchScript's ONNX exporter) is tracing: checks that
+    read values back to Python are skipped then."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def batch_elements(bad: list) -> str:
+    """'2 of 8 matrices, batch elements [1, 5]' for per-matrix flags `bad`."""
     indices = [i for i, flag in enumerate(bad) if flag]
     return f'{len(indices)} of {len(bad)} matrices, batch elements [{preview(indices, 8)}]'
+
+
+def psd_shifted(m: torch.Tensor, floor: Optional[float] = None) -> torch.Tensor:
+    """sym(M) + s·I for (B, d, d) M, s = max(√eps·|tr M|, floor) (eps of M's dtype; floor: its smallest normal number
+    unless given). It has a Cholesky factor exactly when M has no eigenvalue below −√eps·|tr M|: the PSD tolerance of
+    the meta-layers' input contract (`check_covariance`)."""
+    sym = symmetrize(m)
+    trace = sym.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
+    shift = (torch.finfo(m.dtype).eps ** 0.5 * trace).clamp_min(torch.finfo(m.dtype).tiny if floor is None else floor)
+    return sym + torch.diag_embed(shift[:, None].expand(-1, m.shape[-1]))
 
 
 def check_covariance(cov: torch.Tensor, what: str = 'input covariance') -> None:
     """Raise NonFiniteCovarianceError if the (B, d, d) `cov` holds NaN/Inf, IndefiniteCovarianceError if its
     symmetric part has an eigenvalue below -√eps·|tr Σ| (eps of `cov`'s dtype; decided by whether
-    Σ + √eps·|tr Σ|·I has a Cholesky factor). Both are ValueErrors naming `what` and the batch elements.
+    Σ + √eps·|tr Σ|·I has a Cholesky factor: `psd_shifted`). Both are ValueErrors naming `what` and the batch
+    elements.
 
     One batched Cholesky, one reduction and one device-to-host read (a sync on CUDA); skipped on 'meta' tensors and
-    while torch.compile traces.
+    while torch.compile, torch.export or torch.jit.trace (the ONNX exporters) trace.
     """
-    if cov.device.type == 'meta' or torch.compiler.is_compiling() or cov.numel() == 0:
+    if cov.device.type == 'meta' or is_tracing() or cov.numel() == 0:
         return
     with torch.no_grad():
         finite = torch.isfinite(cov).flatten(1).all(dim=1)
-        sym = symmetrize(torch.where(finite[:, None, None], cov, torch.zeros_like(cov)))
-        trace = sym.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
-        shift = (torch.finfo(cov.dtype).eps ** 0.5 * trace).clamp_min(torch.finfo(cov.dtype).tiny)
-        info = torch.linalg.cholesky_ex(sym + torch.diag_embed(shift[:, None].expand(-1, cov.shape[-1])))[1]
+        checked = torch.where(finite[:, None, None], cov, torch.zeros_like(cov))
+        info = torch.linalg.cholesky_ex(psd_shifted(checked)).info
         non_finite, indefinite = torch.stack([~finite, info != 0]).tolist()
     if any(non_finite):
-        raise NonFiniteCovarianceError(f'{what} is non-finite (NaN or Inf in {_batch_elements(non_finite)})')
+        raise NonFiniteCovarianceError(f'{what} is non-finite (NaN or Inf in {batch_elements(non_finite)})')
     if any(indefinite):
         raise IndefiniteCovarianceError(
             f'{what} is not positive semi-definite: an eigenvalue is below -√eps·|trace| '
-            f'({_batch_elements(indefinite)}); meta-layers take covariances (e.g. `timm_gcp.covariance` output)')
+            f'({batch_elements(indefinite)}); meta-layers take covariances (e.g. `timm_gcp.covariance` output)')
 
 
 @register_notrace_function
@@ -130,15 +146,22 @@ def cached_tensors(build: Callable) -> Callable:
     return cached
 
 
-@cached_tensors
-def _triu_flat_index(d: int, device: torch.device) -> torch.Tensor:
+def triu_flat_index(d: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Positions of the upper triangle's d(d+1)/2 entries in a flattened d x d matrix, row-major (`triu_vec`'s
+    order)."""
     rows, cols = torch.triu_indices(d, d, device=device)
     return rows * d + cols
 
 
+_cached_triu_flat_index = cached_tensors(triu_flat_index)
+
+
 @register_notrace_function
-def triu_vec(m: torch.Tensor) -> torch.Tensor:
-    """(B, d, d) -> (B, d(d+1)/2): the upper triangle in row-major order (the order of `torch.triu_indices`)."""
+def triu_vec(m: torch.Tensor, flat_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, d, d) -> (B, d(d+1)/2): the upper triangle in row-major order (the order of `torch.triu_indices`).
+    `flat_index`: `triu_flat_index(d)` precomputed (GCPPool keeps it as a buffer, a constant for exporters, which
+    cannot export `triu_indices`); without it, built on first use per (d, device) and cached."""
     check_square_batch(m, 'triu_vec input')
-    d = m.shape[-1]
-    return m.reshape(m.shape[0], d * d).index_select(1, _triu_flat_index(d, m.device))
+    if flat_index is None:
+        flat_index = _cached_triu_flat_index(m.shape[-1], m.device)
+    return m.flatten(1).index_select(1, flat_index)

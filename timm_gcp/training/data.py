@@ -2,6 +2,7 @@
 `(image, target, unreadable)` samples (policies: docs/training.md, Data); transforms and loaders."""
 import io
 import logging
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from timm.data.readers.reader_image_folder import find_images_and_targets
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
 
-from .._text import preview
+from .._text import first_not_utf8, preview
 
 _logger = logging.getLogger(__name__)
 
@@ -83,15 +84,38 @@ class ImageDataset(Dataset):
         return img, target, unreadable
 
 
+def _check_no_symlink_loop(top: Path) -> None:
+    """ValueError naming the first symlink under `top` that leads back to a folder on its own path (or above it):
+    timm's scan (os.walk following links, which data sets made of linked folders need) would follow it dozens of
+    levels deep, counting every image again at each. Links to folders elsewhere are fine."""
+    for root, dirs, _ in os.walk(top, followlinks=True):  # top-down: a loop is seen before it is entered
+        dirs.sort()  # the same link named on every run
+        for name in dirs:
+            link = Path(root, name)
+            if not link.is_symlink():
+                continue
+            parts, target = link.relative_to(top).parts, link.resolve()
+            path = [top.joinpath(*parts[:depth]).resolve() for depth in range(len(parts))]  # top down to `root`
+            if any(target == folder or target in folder.parents for folder in path):
+                raise ValueError(f'symlink loop in the data: {link} points to {target}, which holds it; remove the '
+                                 f'link (its images would be counted again at every level)')
+
+
 def _index_folder(split_dir: Path, class_names: Optional[Sequence[str]] = None) -> Tuple[List, List[str]]:
     """timm's (path, target) samples of `split_dir/<class>/<image>` and the classes (`class_names`, default: the class
-    folders in timm's natural order), each class folder checked to hold images."""
+    folders in timm's natural order), each class folder checked to hold images and to be named in UTF-8 (Python
+    decodes file names with os.fsdecode: a byte that is not UTF-8 becomes a lone surrogate), no symlink loop."""
     if not split_dir.is_dir():
         raise FileNotFoundError(f'{split_dir} does not exist; expected <data-dir>/<split>/<class>/<image>')
     folders = sorted((p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.')),
                      key=natural_key)
     if not folders:
         raise ValueError(f'{split_dir} holds no class folders; expected <split>/<class>/<image> files')
+    bad = first_not_utf8(folders)
+    if bad is not None:
+        raise ValueError(f'class folder name {os.fsencode(bad)!r} in {split_dir} is not valid UTF-8: class names are '
+                         f'published in config.json and the model card; rename the folder')
+    _check_no_symlink_loop(split_dir)
     unknown = sorted(set(folders) - set(class_names or folders))
     if unknown:
         raise ValueError(f'{split_dir} has classes the model does not know: {preview(unknown)}')

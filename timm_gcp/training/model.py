@@ -10,7 +10,8 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from .._text import preview
-from ..meta_layers import list_meta_layers
+from ..layers import GCPPool
+from ..meta_layers import create_meta_layer, list_meta_layers
 from ..models import WeightsUnavailable, hub_weights
 from .errors import WeightsUnreachable
 
@@ -93,6 +94,12 @@ def check_meta_layer_switch(model: nn.Module, name: str) -> None:
                          f'has none (use e.g. gcp_resnet50)')
     if name not in list_meta_layers():
         raise ValueError(f'--switch-meta-layer: unknown meta-layer {name!r}; known: {", ".join(list_meta_layers())}')
+    head = getattr(model, 'global_pool', None)
+    if isinstance(head, GCPPool):
+        try:
+            head.riemannian_map.check_meta_layer(create_meta_layer(name))
+        except ValueError as err:
+            raise ValueError(f'--switch-meta-layer {name}: {err}') from None
 
 
 def set_meta_layer(models: List[Optional[nn.Module]], name: str) -> None:
