@@ -105,3 +105,18 @@ def test_default_output_is_an_untracked_folder(monkeypatch):
     assert output == BENCHMARKS / 'results' / 'local' / 'cpu'
     ignored = subprocess.run(['git', 'check-ignore', '-q', str(output / 'results.json')], cwd=BENCHMARKS.parent)
     assert ignored.returncode == 0  # never the committed results
+
+
+def test_head_cost_counts_parameters_and_flops(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from head_cost import head_cost
+    full = head_cost('gcp_resnet18', 64, 10)
+    reduction = 512 * 256 + 2 * 256  # 1x1 conv and BN
+    assert full['dim'] == 32896 and full['params'] == reduction + 32896 * 10 + 10
+    compressed = head_cost('gcp_resnet18', 64, 10, compress_dim=36)
+    assert compressed['dim'] == 666 and compressed['params'] == reduction + 256 * 36 + 666 * 10 + 10
+    gap = head_cost('gcp_resnet18', 64, 10, global_pool='avg')
+    assert gap['params'] == 512 * 10 + 10 and gap['gflops'] * 1e9 == 2 * 512 * 10  # the classifier's products
+    # beyond the 1x1 conv on the 4x4 map, the covariance and the classifier: iSQRT's 256 x 256 (or 36 x 36) products
+    assert full['gflops'] * 1e9 > 2 * 16 * (512 * 256 + 256 * 256) + 2 * 32896 * 10
+    assert compressed['gflops'] < full['gflops']

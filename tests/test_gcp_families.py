@@ -30,6 +30,9 @@ FAMILY_MODELS = {  # timm module -> (model, kwargs) small enough for a shared 2-
 
 
 LAYOUTS = {'swin_transformer': 'NHWC', 'vision_transformer': 'NLC', 'deit': 'NLC'}  # of forward_features; else NCHW
+OPTIONS = [pytest.param({}, id='plain'),  # as registered, and with every head option and the invariance at once
+           pytest.param(dict(gaussian=True, progressive_widths=[16], compress_dim=4, group_conv=2, invariance='d4'),
+                        id='options-d4')]
 
 
 def test_every_family_has_a_model_here():
@@ -124,8 +127,9 @@ def test_intermediates_and_feature_info(case):
         model.get_submodule(info['module'])  # names a real module
 
 
-def test_features_only(case):
-    features_model = timm.create_model(case['name'], features_only=True, **case['kwargs']).eval()
+@pytest.mark.parametrize('options', OPTIONS)
+def test_features_only(case, options):
+    features_model = timm.create_model(case['name'], features_only=True, **case['kwargs'], **options).eval()
     with torch.no_grad():
         features = features_model(case['images'])
     channel_dim = -1 if case['family'] == 'swin_transformer' else 1  # timm's Swin features are NHWC
@@ -210,8 +214,10 @@ def test_layer_decay_groups(case):
     assert first.startswith('backbone.') and scale[id(params[first])] == min(scale.values()) < 1.0
 
 
-def test_export_round_trip(case, tmp_path):
-    model = copy.deepcopy(case['model'])
+@pytest.mark.parametrize('options', OPTIONS)
+def test_export_round_trip(case, options, tmp_path):
+    model = copy.deepcopy(case['model']) if not options else timm.create_model(
+        case['name'], num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, **case['kwargs'], **options).eval()
     model.set_meta_layer('isqrt', num_iter=3)
     save_for_hf(model, tmp_path, safe_serialization=True, model_args=model.gcp_model_args())
     reloaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
@@ -258,7 +264,7 @@ def test_torch_compile():
 def test_every_registered_model_builds_and_pools_on_meta():
     """timm's own check: every gcp_* architecture built on the meta device pools its features to logits."""
     failures = []
-    for name in timm.list_models(['gcp_*', 'gsop_*']):
+    for name in timm.list_models(['gcp_*', 'gsop_*', 'idccp_*']):
         try:
             with torch.device('meta'):
                 model = timm.create_model(name, num_classes=3)

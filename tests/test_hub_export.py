@@ -140,21 +140,51 @@ def test_model_card_content(gcp_model, tmp_path):
     assert 'Iterative Matrix Square Root Normalization' not in readme  # iSQRT-COV is not this model's meta-layer
 
 
-@pytest.mark.parametrize('arch, meta_layer, papers', [
-    ('gcp_resnet18', 'isqrt', ['Iterative Matrix Square Root', 'Is Second-order', 'An Optimization Perspective']),
-    ('gcp_resnet18', 'mpa_lya', ['Fast Differentiable Matrix Square Root', 'Is Second-order']),
-    ('gcp_resnet18', 'cov', ['DropCov']),
-    ('gsop_resnet50', 'isqrt', ['Global Second-order Pooling Convolutional Networks', 'Iterative Matrix']),
+G2DENET, MPN_COV_TPAMI, IDCCP = 'G2DeNet', 'Deep CNNs Meet Global Covariance Pooling', 'Invariant Deep Compressible'
+
+
+@pytest.mark.parametrize('arch, meta_layer, options, papers', [
+    ('gcp_resnet18', 'isqrt', {}, ['Iterative Matrix Square Root', 'Is Second-order', 'An Optimization Perspective']),
+    ('gcp_resnet18', 'mpa_lya', {}, ['Fast Differentiable Matrix Square Root', 'Is Second-order']),
+    ('gcp_resnet18', 'cov', {}, ['DropCov']),
+    ('gsop_resnet50', 'isqrt', {}, ['Global Second-order Pooling Convolutional Networks', 'Iterative Matrix']),
+    ('gcp_resnet18', 'eig', dict(gaussian=True), [G2DENET, MPN_COV_TPAMI, 'Is Second-order']),
+    ('gcp_resnet18', 'eig', dict(group_conv=2), [MPN_COV_TPAMI]),
+    ('gcp_resnet18', 'eig', dict(progressive_widths=[64]), [MPN_COV_TPAMI]),
+    ('gcp_resnet18', 'eig', dict(compress_dim=4), [IDCCP]),
+    ('idccp_resnet18', 'isqrt', dict(compress_dim=4), [IDCCP, 'Iterative Matrix']),
 ])
-def test_citations_follow_the_model(arch, meta_layer, papers):
-    model = timm.create_model(arch, meta_layer=meta_layer, gcp_dim=8, num_classes=3)
+def test_citations_follow_the_model(arch, meta_layer, options, papers):
+    model = timm.create_model(arch, meta_layer=meta_layer, gcp_dim=8, num_classes=3, **options)
     cited = '\n'.join(citations(model))
     assert all(p in cited for p in papers)
     assert ('Global Second-order Pooling' in cited) == arch.startswith('gsop_')
     assert ('Iterative Matrix' in cited) == (meta_layer == 'isqrt')
+    assert (G2DENET in cited) == bool(options.get('gaussian'))
+    assert (IDCCP in cited) == ('compress_dim' in options or arch.startswith('idccp'))
     model.reset_classifier(3, 'avg')                                      # no covariance pooling left
     cited = '\n'.join(citations(model))
     assert 'Is Second-order' not in cited and ('Global Second-order' in cited) == arch.startswith('gsop_')
+    assert MPN_COV_TPAMI not in cited and (IDCCP in cited) == arch.startswith('idccp')  # its invariance stays
+
+
+@pytest.mark.parametrize('name, options, features, papers', [
+    ('gcp_resnet18', dict(gaussian=True, group_conv=2, progressive_widths=[32]), '16 (34 features)',
+     [G2DENET, MPN_COV_TPAMI]),
+    ('idccp_resnet18', dict(compress_dim=4, gaussian=True), '16 (10 features)', [IDCCP, G2DENET]),
+    ('gcp_resnet18', dict(invariance='c4', invariance_mode='test'), '16 (136 features)', [IDCCP]),
+])
+def test_export_with_head_options_reloads_and_cites(name, options, features, papers, tmp_path):
+    model = timm.create_model(name, num_classes=3, gcp_dim=16, **options).eval()
+    out = export_model(model, tmp_path / 'model', label_names=['a', 'b', 'c'], dataset='aerial')
+    args = json.loads((out / 'config.json').read_text())['model_args']
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.gcp_model_args() == args == json.loads(json.dumps(model.gcp_model_args()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    readme = (out / 'README.md').read_text()
+    assert features in readme and all(p in readme for p in papers)
 
 
 @pytest.mark.parametrize('head, cited, not_cited', [

@@ -19,6 +19,7 @@ from timm_gcp.layers import GCPPool, GSoPBlock
 
 GCP_NAMES = ['gcp_resnet18', 'gcp_resnet34', 'gcp_resnet50', 'gcp_resnet101', 'gcp_resnet152']
 GSOP_NAMES = ['gsop_resnet50', 'gsop_resnet101']
+IDCCP_NAMES = ['idccp_resnet18', 'idccp_resnet34', 'idccp_resnet50', 'idccp_resnet101', 'idccp_resnet152']
 ALL_NAMES = GCP_NAMES + GSOP_NAMES
 SHALLOW_NAMES = ['gcp_resnet18', 'gcp_resnet34', 'gcp_resnet50', 'gsop_resnet50']  # cheap enough to build again
 GCP_DIM = 16  # small head: the contract, not the published shape, is what these tests check
@@ -49,10 +50,15 @@ def outputs(model, images) -> dict:
 def test_registered_names():
     assert timm.list_models(module='gcp_resnet') == GCP_NAMES  # the paper's stride-1 GCP ResNets
     assert timm.list_models('gsop_*') == GSOP_NAMES
+    assert timm.list_models('idccp_*') == IDCCP_NAMES
+    with torch.device('meta'):
+        idccp = timm.create_model('idccp_resnet50')
+    assert idccp.gcp_model_args()['invariance'] == 'd4' and idccp.head_hidden_size == 666  # 36 x 36: -98 %
+    assert idccp.fc.in_features == 666 and isinstance(idccp, timm_gcp.GcpResNet)
     assert {'gcp_resnet50d', 'gcp_convnext_tiny', 'gcp_test_vit'} <= set(timm.list_models('gcp_*'))  # other families
 
 
-@pytest.mark.parametrize('name', ALL_NAMES)
+@pytest.mark.parametrize('name', ALL_NAMES + IDCCP_NAMES)
 def test_default_cfgs(name):
     """One tag per timm tag of the backbone with weights on the Hub, with its data config; pool sizes at stride 16."""
     base = name.split('_', 1)[1]
@@ -68,6 +74,7 @@ def test_default_cfgs(name):
         assert cfg['first_conv'] == 'conv1' and cfg['classifier'] == 'fc'
         assert 'arXiv:1712.01034' in cfg['paper_ids']
         assert ('arXiv:1811.12006' in cfg['paper_ids']) == name.startswith('gsop')
+        assert ('arXiv:2011.05702' in cfg['paper_ids']) == name.startswith('idccp')
     assert timm.models.get_pretrained_cfg(name).tag == timm.models.get_pretrained_cfg(base).tag  # timm's default
 
 
@@ -305,7 +312,8 @@ def test_set_meta_layer_and_model_args():
     model = timm.create_model('gcp_resnet18', num_classes=NUM_CLASSES, gcp_dim=GCP_DIM).eval()
     assert model.gcp_model_args() == dict(
         num_classes=NUM_CLASSES, in_chans=3, global_pool='gcp', gcp_dim=GCP_DIM, meta_layer='isqrt',
-        meta_layer_kwargs={}, layer4_stride=1, dropcov=False, riemannian='pow_emlr')
+        meta_layer_kwargs={}, layer4_stride=1, dropcov=False, riemannian='pow_emlr', gaussian=False, progressive_widths=None,
+        compress_dim=None, group_conv=None, invariance=None, invariance_mode='train')
     model.set_meta_layer('isqrt', num_iter=2)
     assert model.global_pool.meta_layer.num_iter == 2 and not model.global_pool.meta_layer.training
     assert model.gcp_model_args()['meta_layer_kwargs'] == {'num_iter': 2}

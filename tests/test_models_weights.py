@@ -13,6 +13,7 @@ import torch
 from timm.models import save_for_hf
 
 import timm_gcp
+from timm_gcp.layers import head_option_defaults
 
 GCP_DIM = 16
 IMG = 32
@@ -76,7 +77,8 @@ def test_local_dir_round_trip(trained_gcp_resnet18, images, tmp_path):
     assert config['architecture'] == 'gcp_resnet18'
     assert config['model_args'] == dict(
         num_classes=10, in_chans=3, global_pool='gcp', gcp_dim=GCP_DIM, meta_layer='isqrt',
-        meta_layer_kwargs={'num_iter': 3}, layer4_stride=1, dropcov=False, riemannian='pow_emlr')
+        meta_layer_kwargs={'num_iter': 3}, layer4_stride=1, **head_option_defaults(), invariance=None,
+        invariance_mode='train')
     reloaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
     assert reloaded.global_pool.meta_layer.num_iter == 3 and reloaded.gcp_model_args() == config['model_args']
     assert_same_weights(reloaded, trained_gcp_resnet18)

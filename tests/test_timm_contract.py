@@ -16,6 +16,13 @@ MODELS = [n for n in ('gcp_resnet18', 'gsop_resnet50', 'gcp_test_resnet', 'gcp_t
                       'gcp_test_vit') if timm.is_model(n)]
 NUM_CLASSES = 5
 GCP_DIM = 8
+HEAD_OPTIONS = dict(gaussian=True, progressive_widths=[16], compress_dim=4, group_conv=2)  # all at once
+INVARIANT = dict(HEAD_OPTIONS, invariance='d4')
+CASES = [pytest.param(n, {}, id=n) for n in MODELS] + [  # every model as registered, then with the options
+    pytest.param('gcp_resnet18', INVARIANT, id='gcp_resnet18-options-d4'),
+    pytest.param('gcp_test_vit', INVARIANT, id='gcp_test_vit-options-d4'),
+    pytest.param('idccp_resnet18', dict(compress_dim=4), id='idccp_resnet18'),
+]
 
 
 def gcp_head(in_chs: int, num_classes: int, dim: int, **kwargs) -> nn.Sequential:
@@ -24,8 +31,8 @@ def gcp_head(in_chs: int, num_classes: int, dim: int, **kwargs) -> nn.Sequential
     return nn.Sequential(OrderedDict(global_pool=pool, fc=nn.Linear(pool.out_features, num_classes)))
 
 
-def create(name: str, **kwargs) -> nn.Module:
-    return timm.create_model(name, num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, **kwargs)
+def create(name: str, options: dict, **kwargs) -> nn.Module:
+    return timm.create_model(name, num_classes=NUM_CLASSES, gcp_dim=GCP_DIM, **options, **kwargs)
 
 
 def images(model: nn.Module, batch: int = 2, **kwargs) -> torch.Tensor:
@@ -49,14 +56,14 @@ def backbone_with_head() -> nn.Module:
 
 # ---------------------------------------------------------------- meta device
 
-@pytest.mark.parametrize('name', MODELS)
-def test_builds_and_runs_on_the_meta_device(name):
-    model = create(name, device='meta').eval()
+@pytest.mark.parametrize('name, options', CASES)
+def test_builds_and_runs_on_the_meta_device(name, options):
+    model = create(name, options, device='meta').eval()
     x = images(model, device='meta')
     assert {p.device.type for p in model.parameters()} == {'meta'}
     assert model(x).shape == (2, NUM_CLASSES)
     with torch.device('meta'):
-        assert create(name).eval()(images(model)).shape == (2, NUM_CLASSES)
+        assert create(name, options).eval()(images(model)).shape == (2, NUM_CLASSES)
 
 
 @pytest.mark.parametrize('method', timm_gcp.list_meta_layers())
@@ -78,9 +85,9 @@ def float32_meta_layers(model: nn.Module) -> list:
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('name', MODELS)
-def test_pure_low_precision_inference(name, dtype):
-    model = create(name).eval()
+@pytest.mark.parametrize('name, options', CASES)
+def test_pure_low_precision_inference(name, options, dtype):
+    model = create(name, options).eval()
     x = images(model)
     with torch.no_grad():
         reference = model(x)
@@ -134,15 +141,15 @@ def check_traced(model: nn.Module, x: torch.Tensor) -> None:
     assert any(g.abs().sum() > 0 for g in eager_grads)
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_fx_feature_extraction_forward_and_backward(name):
-    model = create(name)
+@pytest.mark.parametrize('name, options', CASES)
+def test_fx_feature_extraction_forward_and_backward(name, options):
+    model = create(name, options)
     check_traced(model, images(model))
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_fx_features_only(name):
-    model = timm.create_model(name, features_only=True, feature_cls='fx')
+@pytest.mark.parametrize('name, options', CASES)
+def test_fx_features_only(name, options):
+    model = timm.create_model(name, features_only=True, feature_cls='fx', **options)
     x = images(model)
     features = model(x)
     for feature, channels in zip(features, model.feature_info.channels(), strict=True):
@@ -174,7 +181,7 @@ def test_fx_treats_gcp_pool_meta_layers_and_covariance_as_leaves():
 
 @pytest.mark.parametrize('name', MODELS)
 def test_torchscript_raises_one_clear_error(name):
-    model = create(name).eval()
+    model = create(name, {}).eval()
     with pytest.raises(RuntimeError, match=r'does not support TorchScript.*Use torch\.compile'):
         torch.jit.script(model)
 

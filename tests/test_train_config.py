@@ -53,6 +53,16 @@ def test_finegrained_recipe_values():
     assert set(_lr_per_epoch(args)) == {1.2e-3}  # constant for all 100 epochs
 
 
+@pytest.mark.parametrize('model', ['idccp_resnet50.a1_in1k', 'gcp_resnet50.a1_in1k', 'gcp_convnext_tiny.fb_in22k'])
+def test_aerial_recipe_makes_any_gcp_backbone_idccp(model):
+    args = parse_config(['--recipe', 'aerial_224', '--data-dir', '/data/aid', '--model', model, '--pretrained'])
+    assert (args.img_size, args.crop_pct, args.batch_size, args.epochs, args.opt) == (224, 1.0, 16, 50, 'sgd')
+    assert (args.lr, args.weight_decay, args.head_lr_mult, args.hflip) == (0.005, 1e-4, 5.0, 0.0)
+    with torch.device('meta'):
+        net = timm.create_model(model.split('.')[0], num_classes=30, **args.model_kwargs)
+    assert net.group_invariance.group == 'd4' and net.head_hidden_size == 666  # 36 x 36, triu
+
+
 def test_imagenet_65ep_steps_at_30_45_60():
     lrs = _lr_per_epoch(parse_config(['--recipe', 'imagenet_65ep']))
     assert len(lrs) == 65

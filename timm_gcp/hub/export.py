@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import __version__
 from .._text import first_not_utf8, preview
-from ..layers import GCPPool, gcp_feature_dim
+from ..layers import GCPPool
 from ..training.model import nonfinite_tensors
 from .manifest import MANIFEST_NAME, build_manifest
 
@@ -95,7 +95,8 @@ def _model_card(model: nn.Module, config: Dict[str, Any], args: Dict[str, Any], 
     """The card: YAML metadata (library_name timm, base_model, model-index top-1/top-5), details, results, training
     recipe and command, usage and the citations of the papers that apply."""
     arch = config['architecture']
-    meta_layer = next((m.meta_layer_name for m in model.modules() if isinstance(m, GCPPool)), None)
+    pool = next((m for m in model.modules() if isinstance(m, GCPPool)), None)
+    meta_layer = pool.meta_layer_name if pool else None
     results = [EvalResult(task_type='image-classification', dataset_type=dataset or 'unknown',
                           dataset_name=dataset or 'unknown', dataset_split='validation', metric_type='accuracy',
                           metric_name=name, metric_value=round(float(metrics[key]), 2))
@@ -111,7 +112,7 @@ def _model_card(model: nn.Module, config: Dict[str, Any], args: Dict[str, Any], 
         'started from': f'[`{base_model}`](https://huggingface.co/{base_model})' if base_model
         else 'no Hub weights (from scratch or a local file)',
         'meta-layer': f'`{meta_layer}`' if meta_layer else 'none (no covariance pooling head)',
-        'GCP dimension': f'{gcp_dim} ({gcp_feature_dim(gcp_dim):,} features)' if gcp_dim else None,
+        'GCP dimension': f'{gcp_dim} ({pool.out_features:,} features)' if pool else None,
         'input size': ' x '.join(map(str, config['pretrained_cfg']['input_size'])),
         'classes': str(model.num_classes),
         'parameters': f'{sum(p.numel() for p in model.parameters()):,}',

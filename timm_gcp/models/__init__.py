@@ -4,4 +4,5 @@ from ._hub_access import WeightsUnavailable, hub_weights
 from ._pretrained import HUB_ORG
 from .gcp_resnet import GcpResNet
 from .gsop_resnet import GSoPResNet
+from .idccp_resnet import IDCCP_DEFAULTS
 from .gcp_net import FAMILIES, GcpNet

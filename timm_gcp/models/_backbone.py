@@ -77,6 +77,9 @@ def select_backbone_weights(state_dict: Dict[str, torch.Tensor], model: nn.Modul
     """
     expected = model.state_dict()
     if export or model.is_gcp_checkpoint(state_dict):  # `fc` is left to timm, which drops it for another num_classes
+        problem = model.head_mismatch(state_dict, source, with_fc=False)
+        if problem:
+            raise ValueError(problem)
         _check_complete(_without_fc(expected), _without_fc(state_dict), source, model, 'a checkpoint')
         return state_dict, []
     checkpoint = model.backbone_checkpoint(state_dict)

@@ -11,7 +11,7 @@ from torch import nn
 from ._backbone import backbone_filter_fn
 from ._hub_access import hub_weights
 
-__all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'backbone_tags', 'build_gcp_model', 'resolve_tag']
+__all__ = ['HUB_ORG', 'ISQRT_COV_PAPER', 'GSOP_PAPER', 'IDCCP_PAPER', 'backbone_tags', 'build_gcp_model', 'resolve_tag']
 
 HUB_ORG: str = os.environ.get('TIMM_GCP_HUB_ORG', 'timm-gcp')
 """Hugging Face Hub organisation for weights trained with a GCP head (env `TIMM_GCP_HUB_ORG`, read at import).
@@ -19,6 +19,7 @@ None is published yet, so no registered tag points there: every tag loads a timm
 
 ISQRT_COV_PAPER = 'arXiv:1712.01034'
 GSOP_PAPER = 'arXiv:1811.12006'
+IDCCP_PAPER = 'arXiv:2011.05702'
 
 
 def backbone_tags(arch: str, base_arch: str, description: str, paper_ids: Tuple[str, ...],

@@ -82,12 +82,14 @@ class GcpNet(GcpHeadMixin, nn.Module):
             meta_layer_kwargs: options of the meta-layer (e.g. {'num_iter': 5} for 'isqrt').
             drop_rate: dropout before `fc`.
             **kwargs: the GCP head's options (`timm_gcp.layers.HEAD_OPTIONS`, e.g. dropcov=True: DropCov's adaptive
-                channel dropout), then options of the base architecture (drop_path_rate, img_size, ...).
+                channel dropout; gaussian=True; compress_dim=36), the group invariance (invariance='d4',
+                invariance_mode='train'), then options of the base architecture (drop_path_rate, img_size, ...).
         """
         super().__init__()
         self.base_arch = base_arch
         self.family = family
-        self.head_options = self.pop_head_options(kwargs)
+        self.head_options = self.pop_head_options(kwargs, global_pool)
+        self.group_invariance = self.pop_invariance(kwargs)
         self.output_fmt = family.output_fmt  # the layout forward_features returns, as timm models state it
         self.base_kwargs = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype')}
         self.backbone = timm.create_model(
@@ -146,7 +148,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               **kwargs) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The base's `forward_intermediates` (same options; the final output is `forward_features`')."""
-        return self.backbone.forward_intermediates(x, indices, **kwargs)
+        return self.backbone.forward_intermediates(self.transformed(x), indices, **kwargs)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -165,13 +167,19 @@ class GcpNet(GcpHeadMixin, nn.Module):
             return x[:, self.num_prefix_tokens:].transpose(1, 2).unsqueeze(-1)
         return x
 
+    def transformed(self, x: torch.Tensor) -> torch.Tensor:
+        """The images, stacked with their transforms when group invariance is active."""
+        return x if self.group_invariance is None else self.group_invariance(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)  # a headless timm model returns its unpooled features (a module call for torch.fx)
+        """The base's unpooled features; with group invariance, those of each transform, stacked transform-major."""
+        return self.backbone(self.transformed(x))  # a headless timm model returns its unpooled features
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool.pool_type:  # '' keeps the base's own unpooled output
-            x = self.to_feature_map(x)
-        x = self.global_pool(x)
+            x = self.pool(self.to_feature_map(x))
+        else:
+            x = self.global_pool(x)
         if self.drop_rate:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
@@ -195,7 +203,8 @@ def _create_gcp_net(variant: str, base_arch: str, family: Family, pretrained: bo
     return build_gcp_model(GcpNet, variant, pretrained, base_arch=base_arch, family=family, **kwargs)
 
 
-_HEAD_KWARGS = ('global_pool', 'gcp_dim', 'meta_layer', 'meta_layer_kwargs', 'num_classes', *HEAD_OPTIONS)
+_HEAD_KWARGS = ('global_pool', 'gcp_dim', 'meta_layer', 'meta_layer_kwargs', 'num_classes', 'invariance',
+                'invariance_mode', *HEAD_OPTIONS)
 
 
 def _create_base_features(variant: str, base_arch: str, pretrained: bool, pretrained_cfg: Any = None,

@@ -6,6 +6,7 @@ Normalization", CVPR 2018 (arXiv:1712.01034).
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
@@ -50,14 +51,17 @@ class GcpResNet(GcpHeadMixin, ResNet):
             meta_layer_kwargs: options of the meta-layer (e.g. {'num_iter': 5} for 'isqrt').
             layer4_stride: 1 (the GCP architecture: 14x14 maps at 224 px, no dilation) or 2 (a plain ResNet's).
             **kwargs: the GCP head's options (`timm_gcp.layers.HEAD_OPTIONS`, e.g. dropcov=True: DropCov's adaptive
-                channel dropout, for meta_layer='cov'), then timm ResNet options (drop_rate, drop_path_rate, ...).
+                channel dropout, for meta_layer='cov'; gaussian=True; compress_dim=36), the group invariance
+                (invariance='d4', invariance_mode='train'), then timm ResNet options (drop_rate, drop_path_rate, ...).
         """
         if layer4_stride not in (1, 2):
             raise ValueError(f'layer4_stride must be 1 (GCP architecture) or 2 (plain ResNet), got {layer4_stride!r}')
         if kwargs.get('output_stride', 32) != 32:
             raise ValueError('GCP ResNets set the stride of layer4 with layer4_stride, not output_stride')
-        head_options = self.pop_head_options(kwargs)
+        head_options = self.pop_head_options(kwargs, global_pool)
+        group_invariance = self.pop_invariance(kwargs)
         super().__init__(block, layers, num_classes=0, in_chans=in_chans, global_pool='avg', **kwargs)
+        self.group_invariance = group_invariance
         self.set_gcp_dim(gcp_dim)
         self.layer4_stride = layer4_stride
         if layer4_stride == 1:
@@ -70,13 +74,26 @@ class GcpResNet(GcpHeadMixin, ResNet):
     def gcp_model_args(self) -> Dict[str, Any]:
         return dict(super().gcp_model_args(), layer4_stride=self.layer4_stride)
 
+    def transformed(self, x: torch.Tensor) -> torch.Tensor:
+        """Checked images, stacked with their transforms when group invariance is active."""
+        x = _check_images(x, self.in_chans, type(self).__name__)
+        return x if self.group_invariance is None else self.group_invariance(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward_features(_check_images(x, self.in_chans, type(self).__name__))
+        """The final feature map; with group invariance, that of each transform, stacked transform-major."""
+        return super().forward_features(self.transformed(x))
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm ResNet's, on the images as `forward_features` sees them (stacked transforms with group invariance)."""
+        return super().forward_intermediates(self.transformed(x), *args, **kwargs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if isinstance(self.global_pool, GCPPool):
             x = _check_feature_map(x, self.feature_info[-1]['reduction'])
-        return super().forward_head(x, pre_logits)
+        x = self.pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
 
 
 def _check_images(x: torch.Tensor, in_chans: int, name: str) -> torch.Tensor:
