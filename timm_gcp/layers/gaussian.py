@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..ops import compute_dtype, fp32_island
+from ..ops import flat_features, fp32_island
 
 __all__ = ['GaussianEmbedding', 'gaussian_embedding']
 
@@ -31,13 +31,8 @@ def gaussian_embedding(x: torch.Tensor) -> torch.Tensor:
 
     Computed with autocast disabled, in float32 (float64 if `x` is float64): that is also the output dtype.
     """
-    if x.dim() not in (3, 4):
-        raise ValueError(f'gaussian_embedding expects features of shape (B, C, H, W) or (B, C, M), '
-                         f'got {tuple(x.shape)}')
     with fp32_island(x):
-        x = x.flatten(2).to(compute_dtype(x))
-        if x.shape[-1] == 0:
-            raise ValueError(f'gaussian_embedding needs at least one spatial position, got {tuple(x.shape)}')
+        x = flat_features(x, 'gaussian_embedding')
         augmented = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         return augmented @ augmented.transpose(-1, -2) / x.shape[-1]
 

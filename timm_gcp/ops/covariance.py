@@ -8,9 +8,10 @@ from timm.layers import register_notrace_function
 
 from .._text import preview
 
-__all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'triu_vec', 'triu_flat_index',
-           'check_square_batch', 'check_covariance', 'symmetrize', 'is_tracing', 'batch_elements', 'psd_shifted',
-           'autocast_enabled', 'NonFiniteCovarianceError', 'IndefiniteCovarianceError', 'refuse_torchscript']
+__all__ = ['compute_dtype', 'fp32_island', 'fp32_backward', 'covariance', 'flat_features', 'triu_vec',
+           'triu_flat_index', 'check_square_batch', 'check_covariance', 'symmetrize', 'is_tracing', 'batch_elements',
+           'psd_shifted', 'autocast_enabled', 'NonFiniteCovarianceError', 'IndefiniteCovarianceError',
+           'refuse_torchscript']
 
 
 class NonFiniteCovarianceError(ValueError):
@@ -118,21 +119,26 @@ def check_covariance(cov: torch.Tensor, what: str = 'input covariance') -> None:
             f'({batch_elements(indefinite)}); meta-layers take covariances (e.g. `timm_gcp.covariance` output)')
 
 
+def flat_features(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(B, C, H, W) or (B, C, M) features with at least one position -> (B, C, M) in the compute dtype; otherwise a
+    ValueError naming `name`, the statistic being pooled. Call it inside `fp32_island(x)`."""
+    if x.dim() not in (3, 4):
+        raise ValueError(f'{name} expects features of shape (B, C, H, W) or (B, C, M), got {tuple(x.shape)}')
+    if x.flatten(2).shape[-1] == 0:
+        raise ValueError(f'{name} needs at least one spatial position, got {tuple(x.shape)}')
+    return x.flatten(2).to(compute_dtype(x))
+
+
 @register_notrace_function
 def covariance(x: torch.Tensor) -> torch.Tensor:
     """Biased (1/M), mean-subtracted covariance of (B, C, H, W) or (B, C, M) features -> (B, C, C).
 
     Computed with autocast disabled, in float32 (float64 if `x` is float64): that is also the output dtype.
     """
-    if x.dim() not in (3, 4):
-        raise ValueError(f'covariance expects features of shape (B, C, H, W) or (B, C, M), got {tuple(x.shape)}')
     with fp32_island(x):
-        x = x.flatten(2).to(compute_dtype(x))
-        num_positions = x.shape[-1]
-        if num_positions == 0:
-            raise ValueError(f'covariance needs at least one spatial position, got {tuple(x.shape)}')
+        x = flat_features(x, 'covariance')
         centred = x - x.mean(dim=-1, keepdim=True)
-        return centred @ centred.transpose(-1, -2) / num_positions
+        return centred @ centred.transpose(-1, -2) / x.shape[-1]
 
 
 def cached_tensors(build: Callable) -> Callable:
